@@ -1,0 +1,1 @@
+"""CLIP baseline (placeholder, filled in by the clip plugin work)."""
