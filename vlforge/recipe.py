@@ -1,0 +1,412 @@
+"""Recipes: TOML files validated by pydantic, the single source of truth of a run.
+
+A recipe is read in four steps, and every problem found along the way is
+reported at once, each naming the dotted key, the file it came from and, for
+unknown names, the valid choices:
+
+1. TOML + ``extends = "base.toml"`` (deep merge; paths relative to the
+   extending file; chains allowed, cycles refused). Each key remembers the
+   file (or "command line") that set it.
+2. ``a.b.c=value`` overrides, values parsed as TOML (``lr=3e-4``,
+   ``name="x"``, ``betas=[0.9, 0.95]``); a bare word is taken as a string.
+3. The static sections below (``extra="forbid"`` everywhere).
+4. Every component table (``type = "<name>"`` + options) against the config
+   model its plugin registered.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from vlforge.registry import Registry, RegistryError, did_you_mean
+
+COMMAND_LINE = "command line"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str  # dotted path, "" for the whole recipe
+    message: str
+    source: str  # file that set the key, or "command line"
+
+    def __str__(self) -> str:
+        where = f"{self.key}: " if self.key else ""
+        return f"{where}{self.message} [{self.source}]"
+
+
+class RecipeError(Exception):
+    """A recipe could not be read; carries every problem found."""
+
+    def __init__(self, path: str, problems: list[Problem]) -> None:
+        self.path = path
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"recipe {path}: {count}\n{lines}")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ComponentTable(BaseModel):
+    """``type = "<registered name>"`` plus the component's own options."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    _config: BaseModel | None = PrivateAttr(default=None)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def config(self) -> BaseModel:
+        """The options validated against the component's registered config model."""
+        if self._config is None:
+            raise RuntimeError(f"component '{self.type}' was not validated against the registry")
+        return self._config
+
+
+class ObjectiveTable(ComponentTable):
+    weight: float = 1.0  # the engine multiplies every term of this objective by it
+
+
+class ModelSection(Section):
+    vision: ComponentTable | None = None
+    text: ComponentTable | None = None
+    adapter: ComponentTable | None = None
+    fusion: ComponentTable | None = None
+
+
+class OptimSection(Section):
+    lr: float = 1e-3
+    # "per256": the absolute lr is lr * global_batch / 256 (FLIP's convention).
+    lr_scaling: Literal["none", "per256"] = "none"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    # Parameters with fewer than 2 dims, or whose name contains one of these, get no decay.
+    no_decay: list[str] = Field(default_factory=lambda: ["bias", "norm", "cls_token", "pos_embed"])
+
+
+class ScheduleSection(Section):
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # final lr as a fraction of the peak
+
+
+class TrainSection(Section):
+    steps: int = Field(..., gt=0)  # optimizer steps
+    batch_size: int = Field(..., gt=0)  # global: all ranks and all accumulation micro-batches
+    accum_steps: int = Field(1, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    grad_clip: float | None = 1.0  # global norm, once per optimizer step
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0)  # 0: only at the end
+    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    keep_checkpoints: int = Field(2, gt=0)
+    num_workers: int = Field(0, ge=0)
+    progress: bool = True
+
+
+class LaunchSection(Section):
+    launcher: Literal["local", "slurm"] = "local"
+    nproc: int = Field(1, gt=0)  # processes per node
+    nodes: int = Field(1, gt=0)
+
+
+class Recipe(Section):
+    name: str = ""  # defaults to the file's stem
+    experiment: str = "default"
+    description: str = ""
+    seed: int = 0
+    plugins: list[str] = Field(default_factory=list)
+    model: ModelSection = Field(default_factory=ModelSection)
+    masking: ComponentTable | None = None
+    teacher: ComponentTable | None = None
+    objectives: dict[str, ObjectiveTable] = Field(default_factory=dict)
+    data: ComponentTable
+    evaluators: dict[str, ComponentTable] = Field(default_factory=dict)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    train: TrainSection
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+
+    def component_tables(self) -> list[tuple[str, str, ComponentTable]]:
+        """(dotted key, kind, table) for every component the recipe names."""
+        tables: list[tuple[str, str, ComponentTable | None]] = [
+            ("model.vision", "vision_encoder", self.model.vision),
+            ("model.text", "text_encoder", self.model.text),
+            ("model.adapter", "adapter", self.model.adapter),
+            ("model.fusion", "fusion", self.model.fusion),
+            ("masking", "masking", self.masking),
+            ("teacher", "teacher", self.teacher),
+            ("data", "dataset", self.data),
+        ]
+        tables += [(f"objectives.{n}", "objective", t) for n, t in self.objectives.items()]
+        tables += [(f"evaluators.{n}", "evaluator", t) for n, t in self.evaluators.items()]
+        return [(key, kind, table) for key, kind, table in tables if table is not None]
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe as plain data with every default filled in, components included."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for key, _, table in self.component_tables():
+            *parents, leaf = key.split(".")
+            node = data
+            for part in parents:
+                node = node[part]
+            extra = {"weight": table.weight} if isinstance(table, ObjectiveTable) else {}
+            node[leaf] = {"type": table.type, **extra, **table.config.model_dump(mode="json", exclude_none=True)}
+        return data
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.resolved())
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RawRecipe:
+    """Merged TOML data plus, for every dotted key, the file that set it."""
+
+    data: dict[str, Any]
+    sources: dict[str, str]
+    path: str
+
+    def source_of(self, key: str) -> str:
+        """The file that set ``key`` or its nearest set ancestor."""
+        parts = key.split(".")
+        for end in range(len(parts), 0, -1):
+            found = self.sources.get(".".join(parts[:end]))
+            if found:
+                return found
+        return self.path
+
+
+def _leaf_sources(data: dict[str, Any], source: str, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        out[dotted] = source
+        if isinstance(value, dict):
+            out.update(_leaf_sources(value, source, dotted + "."))
+    return out
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: tables merge key by key, everything else is replaced."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> RawRecipe:
+    """Read a recipe file and everything it ``extends``."""
+    path = Path(path)
+    shown = str(path)
+    if not path.is_file():
+        raise RecipeError(shown, [Problem("", "file not found", shown)])
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, resolved))
+        raise RecipeError(shown, [Problem("extends", f"circular extends: {cycle}", shown)])
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(shown, [Problem("", f"invalid TOML: {exc}", shown)]) from None
+    base_name = data.pop("extends", None)
+    own = RawRecipe(data, _leaf_sources(data, shown), shown)
+    if base_name is None:
+        return own
+    if not isinstance(base_name, str):
+        raise RecipeError(shown, [Problem("extends", "must be a path string", shown)])
+    base_path = path.parent / base_name
+    if not base_path.is_file():
+        raise RecipeError(shown, [Problem("extends", f"base recipe '{base_path}' not found", shown)])
+    base = read_toml(base_path, (*_chain, resolved))
+    return RawRecipe(deep_merge(base.data, data), {**base.sources, **own.sources}, shown)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b.c=value`` -> ("a.b.c", TOML-typed value; a bare word is a string)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override '{text}' is not of the form key.path=value")
+    try:
+        return key, tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value.strip()
+
+
+def apply_overrides(raw: RawRecipe, overrides: list[str]) -> None:
+    problems = []
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ValueError as exc:
+            problems.append(Problem("", str(exc), COMMAND_LINE))
+            continue
+        *parents, leaf = key.split(".")
+        node = raw.data
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(Problem(key, f"'{part}' is a value, not a table", COMMAND_LINE))
+                break
+            node = child
+        else:
+            node[leaf] = value
+            raw.sources[key] = COMMAND_LINE
+    if problems:
+        raise RecipeError(raw.path, problems)
+
+
+# --------------------------------------------------------------------------- validating
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the last element of ``loc`` (for listing valid keys)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            annotation = current.model_fields[part].annotation
+            current = _unwrap_model(annotation)
+        elif isinstance(current, type) and issubclass(current, ComponentTable):
+            continue  # the key of a dict of tables (objectives.<name>)
+        else:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    """ModelSection | None -> ModelSection; dict[str, ObjectiveTable] -> ObjectiveTable."""
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _unwrap_model(arg)
+        if isinstance(found, type) and issubclass(found, BaseModel):
+            return found
+    return annotation
+
+
+def _problems_from(
+    exc: ValidationError, model: type[BaseModel], raw: RawRecipe, prefix: str = ""
+) -> list[Problem]:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        key = prefix + ".".join(str(p) for p in loc)
+        if error["type"] == "extra_forbidden":
+            owner = _model_at(model, loc)
+            valid = _field_names(owner) if owner else []
+            hint = did_you_mean(str(loc[-1]), valid)
+            listing = f" (valid keys: {', '.join(valid)})" if valid else ""
+            message = f"unknown key{hint}{listing}"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = f"{error['msg']} (got {error.get('input')!r})"
+        problems.append(Problem(key, message, raw.source_of(key)))
+    return problems
+
+
+def validate_components(recipe: Recipe, registry: Registry, raw: RawRecipe) -> list[Problem]:
+    """Validate each component table against its registered config; store the result."""
+    problems = []
+    for key, kind, table in recipe.component_tables():
+        try:
+            component = registry.get(kind, table.type)
+        except RegistryError as exc:
+            problems.append(Problem(f"{key}.type", str(exc), raw.source_of(f"{key}.type")))
+            continue
+        try:
+            table._config = component.config.model_validate(table.options)
+        except ValidationError as exc:
+            problems += _problems_from(exc, component.config, raw, prefix=f"{key}.")
+    return problems
+
+
+def parse_recipe(raw: RawRecipe) -> Recipe:
+    """Validate the static sections (step 3); raises RecipeError with all problems."""
+    data = dict(raw.data)
+    data.setdefault("name", Path(raw.path).stem)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(raw.path, _problems_from(exc, Recipe, raw)) from None
+
+
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), extra_plugins: tuple[str, ...] = ()
+):
+    """Read, override and fully validate a recipe; returns (Recipe, Plugins).
+
+    Loads the plugins the recipe names (plus ``extra_plugins``) to validate its
+    component tables, and hands the plugin manager back for building the run.
+    """
+    from vlforge.plugins import PluginError, load_plugins
+
+    raw = read_toml(path)
+    apply_overrides(raw, list(overrides))
+    recipe = parse_recipe(raw)
+    try:
+        plugins = load_plugins([*recipe.plugins, *extra_plugins])
+    except (PluginError, RegistryError) as exc:
+        raise RecipeError(raw.path, [Problem("plugins", str(exc), raw.source_of("plugins"))]) from None
+    problems = validate_components(recipe, plugins.registry, raw)
+    problems += check_consistency(recipe, raw)
+    if problems:
+        raise RecipeError(raw.path, problems)
+    return recipe, plugins
+
+
+def check_consistency(recipe: Recipe, raw: RawRecipe) -> list[Problem]:
+    """Cross-section rules that no single table can check."""
+    problems = []
+    if not recipe.objectives:
+        problems.append(Problem("objectives", "at least one objective is required", raw.path))
+    micro = recipe.train.accum_steps * recipe.launch.nproc * recipe.launch.nodes
+    if recipe.train.batch_size % micro:
+        problems.append(
+            Problem(
+                "train.batch_size",
+                f"global batch {recipe.train.batch_size} is not divisible by "
+                f"accum_steps × processes = {micro}",
+                raw.source_of("train.batch_size"),
+            )
+        )
+    return problems
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables -> {"a.b.c": value}."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
