@@ -82,7 +82,9 @@ class VLModel(nn.Module):
         self.objectives = nn.ModuleDict(objectives)
         self.weights = dict(weights)
 
-    def forward(self, batch: dict[str, Any], progress: Progress) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: dict[str, Any], progress: Progress
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted total loss and every named term (unweighted) for one micro-batch."""
         step = Step(self, batch, progress)
         total: torch.Tensor | float = 0.0

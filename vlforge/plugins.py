@@ -27,6 +27,7 @@ from typing import Any
 import pluggy
 
 from vlforge import hookspecs
+from vlforge.errors import VlforgeError
 from vlforge.registry import Registry, RegistryError
 
 ENTRY_POINT_GROUP = "vlforge.plugins"
@@ -34,7 +35,7 @@ DISABLE_AUTOLOAD_ENV = "VLFORGE_DISABLE_PLUGIN_AUTOLOAD"
 CORE_PLUGIN = "vlforge.builtin"
 
 
-class PluginError(Exception):
+class PluginError(VlforgeError):
     """A plugin failed to import, to register, or raised inside a hook."""
 
 
@@ -109,7 +110,9 @@ class Plugins:
             culprit = self._culprit(hook, exc)
             if culprit is None:
                 raise
-            raise PluginError(f"plugin '{culprit}' raised in {hook_name}: {type(exc).__name__}: {exc}") from exc
+            raise PluginError(
+                f"plugin '{culprit}' raised in {hook_name}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _culprit(self, hook: pluggy.HookCaller, exc: BaseException) -> str | None:
         """The plugin whose hook implementation appears in the exception's traceback."""

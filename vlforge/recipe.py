@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from vlforge.errors import VlforgeError
 from vlforge.registry import Registry, RegistryError, did_you_mean
 
 COMMAND_LINE = "command line"
@@ -42,7 +43,7 @@ class Problem:
         return f"{where}{self.message} [{self.source}]"
 
 
-class RecipeError(Exception):
+class RecipeError(VlforgeError):
     """A recipe could not be read; carries every problem found."""
 
     def __init__(self, path: str, problems: list[Problem]) -> None:
@@ -168,7 +169,11 @@ class Recipe(Section):
             for part in parents:
                 node = node[part]
             extra = {"weight": table.weight} if isinstance(table, ObjectiveTable) else {}
-            node[leaf] = {"type": table.type, **extra, **table.config.model_dump(mode="json", exclude_none=True)}
+            node[leaf] = {
+                "type": table.type,
+                **extra,
+                **table.config.model_dump(mode="json", exclude_none=True),
+            }
         return data
 
     def to_toml(self) -> str:

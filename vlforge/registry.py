@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from vlforge.errors import VlforgeError
+
 KINDS = (
     "vision_encoder",
     "text_encoder",
@@ -35,7 +37,7 @@ class ComponentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class RegistryError(Exception):
+class RegistryError(VlforgeError):
     """A component was registered twice or looked up under an unknown name."""
 
 

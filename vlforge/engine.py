@@ -1,0 +1,432 @@
+"""The training loop: build once, then step plain modules; events only at boundaries.
+
+One optimizer step = ``accum_steps`` micro-batches (DDP gradient sync only on
+the last), then one clip, one optimizer and one scheduler step. Loop events
+(``vlforge.hookspecs``) fire once per optimizer step, eval and checkpoint.
+
+Stopping: SIGINT/SIGTERM/SIGUSR2 only set a flag; the loop sees it at the next
+step boundary, writes a checkpoint and stops (``interrupted`` for SIGINT,
+``preempted`` otherwise, so a launcher can requeue). A non-finite loss stops
+the run as ``failed`` without writing a checkpoint, so the last good one stays
+the latest.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vlforge import checkpoint as ckpt
+from vlforge import distributed as dist
+from vlforge.components import BuildContext
+from vlforge.errors import RunFailed
+from vlforge.model import Progress, VLModel, build_component, build_model
+from vlforge.plugins import Plugins
+from vlforge.recipe import OptimSection, Recipe, ScheduleSection
+
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR2: "preempted"}
+
+
+class NonFiniteLossError(RunFailed):
+    """The loss became NaN or infinite; the run stopped without checkpointing it."""
+
+
+@dataclass
+class TrainState:
+    """What loop events receive. Read freely; change only what your plugin owns."""
+
+    recipe: Recipe
+    model: VLModel  # unwrapped (not the DDP wrapper)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    progress: Progress
+    run_dir: str
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @property
+    def samples_seen(self) -> int:
+        return self.progress.samples_seen
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def select_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (``auto`` or ``bf16``), bf16 on CPU only if asked; else nothing."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]:
+    """Trainable parameters split into decay / no-decay groups (frozen and EMA copies excluded)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or any(pattern in name for pattern in optim.no_decay)
+        (no_decay if skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(step: int, total: int, schedule: ScheduleSection) -> float:
+    """Multiplier of the peak lr at ``step``: linear warm-up, then cosine/linear/constant."""
+    if step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    if schedule.decay == "constant":
+        return 1.0
+    span = max(1, total - schedule.warmup_steps)
+    done = min(1.0, (step - schedule.warmup_steps) / span)
+    shape = 0.5 * (1 + math.cos(math.pi * done)) if schedule.decay == "cosine" else 1 - done
+    return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * shape
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class BatchStream:
+    """Endless micro-batches over epochs; its position is (epoch, index in this rank's epoch)."""
+
+    def __init__(self, dataset: Any, collate: Any, micro_batch: int, seed: int, num_workers: int) -> None:
+        from vlforge.data.sampler import ResumableSampler
+
+        self.micro_batch = micro_batch
+        self.sampler = ResumableSampler(
+            len(dataset), rank=dist.rank(), world_size=dist.world_size(), seed=seed
+        )
+        self.loader = DataLoader(
+            dataset,
+            batch_size=micro_batch,
+            sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=num_workers,
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
+        )
+        self.epoch, self.index = 0, 0
+        self._iterator: Iterator[Any] | None = None
+
+    def batches_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def next(self) -> dict[str, Any]:
+        if self._iterator is None:
+            self.sampler.load_state_dict({"epoch": self.epoch, "index": self.index})
+            self._iterator = iter(self.loader)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._iterator = None
+            return self.next()
+        self.index += self.micro_batch
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._iterator = None
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Builds a run from a validated recipe and trains it on this process's rank."""
+
+    def __init__(self, recipe: Recipe, plugins: Plugins, run_dir: str, run: Any = None) -> None:
+        self.recipe = recipe
+        self.plugins = plugins
+        self.run = run  # RunWriter on rank 0, None elsewhere
+        self.device = select_device()
+        self.autocast = autocast_for(self.device, recipe.train.precision)
+        self.stop_status: str | None = None
+        train = recipe.train
+        world = dist.world_size()
+        self.micro_batch = train.batch_size // (world * train.accum_steps)
+
+        seed_everything(recipe.seed)  # same initial weights on every rank
+        self.ctx = BuildContext(recipe, rank=dist.rank(), world_size=world, device=str(self.device))
+        model = build_model(recipe, plugins, self.ctx).to(self.device)
+        self.data = build_component(plugins, "dataset", recipe.data, self.ctx)
+        self.ctx.parts["data"] = self.data
+        self.evaluators = {
+            name: build_component(plugins, "evaluator", table, self.ctx)
+            for name, table in recipe.evaluators.items()
+        }
+        seed_everything(recipe.seed + 1000 * dist.rank())  # per-rank randomness from here on
+        self.stream = BatchStream(
+            self.data.dataset("train"), self.data.collate, self.micro_batch, recipe.seed, train.num_workers
+        )
+        self.wrapped: nn.Module = model
+        if world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        lr = recipe.optim.lr * (train.batch_size / 256 if recipe.optim.lr_scaling == "per256" else 1)
+        optimizer = torch.optim.AdamW(
+            parameter_groups(model, recipe.optim), lr=lr, betas=recipe.optim.betas, eps=recipe.optim.eps
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, train.steps, recipe.schedule)
+        )
+        progress = Progress(
+            steps_per_epoch=max(1, self.stream.batches_per_epoch() // train.accum_steps),
+            total_steps=train.steps,
+        )
+        self.state = TrainState(
+            recipe, model, optimizer, scheduler, progress, run_dir, dist.rank(), world, self.device
+        )
+        for name, module in [*model.named_children(), *model.objectives.named_children()]:
+            plugins.register_component(module, f"component:{name}")
+
+    @property
+    def model(self) -> VLModel:
+        return self.state.model
+
+    @property
+    def progress(self) -> Progress:
+        return self.state.progress
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> str | None:
+        rng = dist.all_gather_object(rng_state())  # every rank's RNG, restored per rank
+        if self.state.rank != 0:
+            dist.barrier()
+            return None
+        checkpoint = {
+            "version": 1,
+            "run_id": getattr(self.run, "run_id", None),
+            "progress": vars(self.progress).copy(),
+            "data": self.stream.state_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.state.optimizer.state_dict(),
+            "scheduler": self.state.scheduler.state_dict(),
+            "rng": rng,
+            "world_size": self.state.world_size,
+            "plugins": {},
+        }
+        self.plugins.call("vlforge_save_checkpoint", state=self.state, checkpoint=checkpoint)
+        url = ckpt.save_checkpoint(
+            self.state.run_dir, self.progress.step, checkpoint, self.recipe.train.keep_checkpoints
+        )
+        dist.barrier()
+        return url
+
+    def restore(self, url: str) -> None:
+        checkpoint = ckpt.load_checkpoint(url)
+        self.model.load_state_dict(checkpoint["model"])
+        self.state.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.state.scheduler.load_state_dict(checkpoint["scheduler"])
+        for key, value in checkpoint["progress"].items():
+            setattr(self.progress, key, value)
+        self.stream.load_state_dict(checkpoint["data"])
+        if checkpoint["world_size"] == self.state.world_size:
+            set_rng_state(checkpoint["rng"][self.state.rank])
+        self.plugins.call("vlforge_load_checkpoint", state=self.state, checkpoint=checkpoint)
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``accum_steps`` micro-batches; returns detached mean losses."""
+        state, accum = self.state, self.recipe.train.accum_steps
+        self.plugins.call("vlforge_step_start", state=state)
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = to_device(self.stream.next(), self.device)
+            last = micro == accum - 1
+            sync = nullcontext() if last or state.world_size == 1 else self.wrapped.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, terms = self.wrapped(batch, self.progress)
+                (loss / accum).backward()
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] = sums.get(name, 0) + value.detach().float() / accum
+        self.plugins.call("vlforge_after_forward", state=state, losses=sums)
+        self.plugins.call("vlforge_after_backward", state=state)
+        if self.recipe.train.grad_clip:
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.recipe.train.grad_clip
+            )
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        self.progress.samples_seen += self.recipe.train.batch_size
+        self.progress.epoch = self.stream.epoch
+        self.plugins.call("vlforge_after_optimizer_step", state=state)
+        return sums
+
+    def should_stop(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(stop requested on any rank, loss non-finite on any rank), agreed by all ranks."""
+        flags = torch.tensor(
+            [self.stop_status is not None, not torch.isfinite(loss).item()], dtype=torch.float32
+        )
+        if self.state.world_size > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        results: dict[str, dict[str, float]] = {}
+        if self.state.rank == 0:
+            for name, evaluator in self.evaluators.items():
+                results[name] = evaluator.evaluate(self.model, self.ctx)
+        results = dist.broadcast_object(results)
+        self.plugins.call("vlforge_eval", state=self.state, results=results)
+        if self.run is not None:
+            for name, metrics in results.items():
+                self.run.log_eval(self.progress.step, name, metrics)
+        return results
+
+    def log(self, sums: dict[str, torch.Tensor], window: tuple[float, int]) -> dict[str, float]:
+        names = sorted(sums)
+        values = dist.all_reduce_mean(torch.stack([sums[n].float().reshape(()) for n in names]))
+        metrics = {f"train/{n}": float(v) for n, v in zip(names, values.tolist())}
+        seconds, samples = time.perf_counter() - window[0], self.progress.samples_seen - window[1]
+        metrics["train/lr"] = self.state.optimizer.param_groups[0]["lr"]
+        metrics["train/samples_per_s"] = samples / max(seconds, 1e-9)
+        metrics["train/epoch"] = float(self.progress.epoch)
+        if self.run is not None:
+            self.plugins.call("vlforge_log", state=self.state, metrics=metrics)
+            self.run.log_metrics(self.progress.step, metrics)
+            self.run.heartbeat(self.progress.step)
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> str:
+        """Train to ``train.steps`` (or until stopped); returns the final run status."""
+        train = self.recipe.train
+        self.plugins.call("vlforge_run_start", state=self.state)
+        status = "completed"
+        bar = self._progress_bar()
+        previous = self._install_signal_handlers()
+        try:
+            window = (time.perf_counter(), self.progress.samples_seen)
+            while self.progress.step < train.steps:
+                sums = self.train_step()
+                stop, nonfinite = self.should_stop(sums["loss"])
+                if nonfinite:
+                    raise NonFiniteLossError(self._nonfinite_message(sums))
+                step = self.progress.step
+                if step % train.log_every == 0 or step == train.steps:
+                    metrics = self.log(sums, window)
+                    window = (time.perf_counter(), self.progress.samples_seen)
+                    bar.set_postfix(
+                        loss=f"{metrics['train/loss']:.4f}",
+                        lr=f"{metrics['train/lr']:.2e}",
+                        sps=f"{metrics['train/samples_per_s']:.0f}",
+                        refresh=False,
+                    )
+                bar.update(1)
+                if stop:
+                    status = self.stop_status or "preempted"
+                    break
+                if train.eval_every and step % train.eval_every == 0 and step < train.steps:
+                    self.evaluate()
+                if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
+                    self.save()
+            if status == "completed" and self.evaluators:
+                self.evaluate()
+            self.save()
+        except BaseException:
+            status = "failed"
+            raise
+        finally:
+            bar.close()
+            self._restore_signal_handlers(previous)
+            self.plugins.call("vlforge_run_end", state=self.state, status=status)
+        return status
+
+    def _nonfinite_message(self, sums: dict[str, torch.Tensor]) -> str:
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(sums.items()))
+        last = ckpt.latest_checkpoint(self.state.run_dir)
+        kept = f"last good checkpoint: {last}" if last else "no checkpoint was written before it"
+        return f"non-finite loss at step {self.progress.step} ({terms}); training stopped, {kept}"
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.recipe.train.steps,
+            initial=self.progress.step,
+            disable=self.state.rank != 0 or not self.recipe.train.progress,
+            desc=self.recipe.name,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            self.stop_status = STOP_SIGNALS[signal.Signals(signum)]
+
+        return {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

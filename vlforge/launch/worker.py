@@ -1,0 +1,100 @@
+"""What every rank runs, whichever launcher started it.
+
+A ``RunJob`` is small and picklable: each rank re-reads the recipe itself
+(plugins are process-local), joins the process group from its environment,
+trains, and rank 0 closes the run directory and refreshes the index.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+EXIT_CODES = {"completed": 0, "failed": 1, "preempted": 3, "interrupted": 130}
+
+
+@dataclass(frozen=True)
+class RunJob:
+    recipe_path: str  # the user's recipe, or the run directory's recipe.toml when resuming
+    overrides: tuple[str, ...]
+    root: str  # runs root (any fsspec URL)
+    experiment: str
+    run_id: str
+    resume: bool = False
+    extra_plugins: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the ranks
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.root.rstrip('/')}/{self.experiment}/{self.run_id}"
+
+
+def init_process_group() -> None:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, if any."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def run_job(job: RunJob) -> str:
+    """Train ``job`` on this rank; returns the run status."""
+    os.environ.update(job.env)
+    init_process_group()
+    from vlforge import checkpoint as ckpt
+    from vlforge import distributed as dist
+    from vlforge.engine import Trainer
+    from vlforge.recipe import load_recipe
+
+    recipe, plugins = load_recipe(job.recipe_path, job.overrides, job.extra_plugins)
+    run = _open_run(job, recipe) if dist.rank() == 0 else None
+    status, reason = "failed", None
+    try:
+        trainer = Trainer(recipe, plugins, job.run_dir, run)
+        latest = ckpt.latest_checkpoint(job.run_dir) if job.resume else None
+        if latest:
+            trainer.restore(latest)
+        status = trainer.fit()
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if run is not None:
+            run.close(status, reason)
+            _refresh_index(job.root)
+        if dist.is_distributed():
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    return status
+
+
+def _open_run(job: RunJob, recipe):
+    from vlforge.results.rundir import RunWriter
+
+    if job.resume:
+        return RunWriter.open(job.run_dir, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    return RunWriter.create(
+        job.root,
+        job.experiment,
+        job.run_id,
+        recipe_name=recipe.name,
+        recipe_toml=recipe.to_toml(),
+        config=recipe.resolved(),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+
+
+def _refresh_index(root: str) -> None:
+    """Ingest the finished run; the run's files stay the truth if this fails."""
+    from vlforge.results.index import build_index
+
+    try:
+        build_index(root)
+    except Exception as exc:  # a held lock or a full disk must not fail a finished run
+        print(f"vlforge: the run is saved, but indexing {root} failed ({exc}); run `vlforge index` later")
