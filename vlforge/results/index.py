@@ -1,0 +1,542 @@
+"""The DuckDB index of a runs root: ``<root>/index.duckdb``, built from the run directories.
+
+DuckDB lets one process write a database file, and while it does no other process can open the
+file at all, not even read-only. So jobs never touch the index: each run writes its own files
+(see :mod:`vlforge.results.rundir`) and only the indexer writes, into a *new* file that then
+replaces the old one by rename. Readers open whichever complete file is there and never wait.
+Two indexers are kept apart by a lock file next to the index.
+
+Ingestion is incremental and idempotent: chunk files are immutable, so the index records which
+chunks it has read (``ingested_files``) and reads only new ones; ``rebuild=True`` starts from
+nothing and must give the same tables. Small per-run files (``status.json``) are reread each time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import PurePosixPath
+from typing import Any
+
+import duckdb
+import fsspec
+import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
+
+from vlforge.errors import VlforgeError
+from vlforge.results.rundir import TMP_SUFFIX, to_url, url_join
+
+INDEX_NAME = "index.duckdb"
+LOCK_SUFFIX = ".lock"
+STALE_AFTER_S = 600.0
+SCHEMA_VERSION = 1  # bump when a table changes: an index of another version is rebuilt
+CHUNK_KINDS = ("metrics", "evals")
+_STEP_IN_NAME = re.compile(r"step[_-]?(\d+)")
+
+_CHUNK_COLUMNS = {
+    "metrics": {"step": "BIGINT", "name": "VARCHAR", "value": "DOUBLE", "time": "DOUBLE"},
+    "evals": {
+        "step": "BIGINT",
+        "evaluator": "VARCHAR",
+        "dataset": "VARCHAR",
+        "metric": "VARCHAR",
+        "value": "DOUBLE",
+        "time": "DOUBLE",
+    },
+}
+# A row is identified by these columns; when a requeued run logs one again, the latest wins.
+_ROW_KEYS = {
+    "metrics": ("run_id", "step", "name"),
+    "evals": ("run_id", "step", "evaluator", "dataset", "metric"),
+}
+_ROW_SORT = {"metrics": "run_id, name, step", "evals": "run_id, evaluator, dataset, metric, step"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id VARCHAR, step BIGINT, name VARCHAR, value DOUBLE, time TIMESTAMP);
+CREATE TABLE IF NOT EXISTS evals (
+    run_id VARCHAR, step BIGINT, evaluator VARCHAR, dataset VARCHAR, metric VARCHAR, value DOUBLE,
+    time TIMESTAMP);
+CREATE TABLE IF NOT EXISTS ingested_files (
+    path VARCHAR, kind VARCHAR, run_id VARCHAR, size_bytes BIGINT, ingested_at TIMESTAMP);
+"""
+
+_RUNS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("experiment", pa.string()),
+        ("recipe_name", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("start_time", pa.timestamp("us")),
+        ("end_time", pa.timestamp("us")),
+        ("last_step", pa.int64()),
+        ("heartbeat", pa.timestamp("us")),
+        ("slurm_job_id", pa.string()),
+        ("slurm_job_ids", pa.list_(pa.string())),
+        ("git_commit", pa.string()),
+        ("git_dirty", pa.bool_()),
+        ("hosts", pa.list_(pa.string())),
+        ("world_size", pa.int32()),
+        ("parent_run_id", pa.string()),
+        ("attempts", pa.int32()),
+        ("run_dir", pa.string()),
+        ("config", pa.string()),
+    ]
+)
+_CONFIGS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("key", pa.string()),
+        ("value", pa.string()),
+        ("value_num", pa.float64()),
+        ("value_type", pa.string()),
+        ("value_json", pa.string()),
+    ]
+)
+_ARTIFACTS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("kind", pa.string()),
+        ("path", pa.string()),
+        ("step", pa.int64()),
+        ("size_bytes", pa.int64()),
+    ]
+)
+
+
+class IndexLockedError(VlforgeError):
+    """Another indexer held the lock for longer than we were willing to wait."""
+
+
+def index_url(root: str) -> str:
+    return url_join(root, INDEX_NAME)
+
+
+def build_index(
+    root: str,
+    *,
+    rebuild: bool = False,
+    stale_after: float = STALE_AFTER_S,
+    lock_timeout: float = 120.0,
+) -> str:
+    """Bring ``<root>/index.duckdb`` up to date with the run directories under ``root``.
+
+    Ingests only chunk files it has not read before (``rebuild=True``: all of them, into a fresh
+    file). A ``running`` run whose heartbeat is older than ``stale_after`` seconds is indexed as
+    ``stale``. Waits up to ``lock_timeout`` seconds for another indexer, then raises
+    :class:`IndexLockedError`. Returns the index's URL.
+    """
+    fs, root_path = fsspec.core.url_to_fs(root)
+    index_path = url_join(root_path, INDEX_NAME)
+    with index_lock(fs, index_path + LOCK_SUFFIX, lock_timeout), _working_copy(fs, index_path, rebuild) as db:
+        con = duckdb.connect(db)
+        try:
+            if not isinstance(fs, LocalFileSystem):
+                con.register_filesystem(fs)  # read_json then reads memory://, s3://... through fsspec
+            _update(con, fs, scan(fs, root_path), stale_after)
+            con.execute(
+                "CREATE OR REPLACE TABLE index_info AS SELECT ? AS schema_version, "
+                "now()::TIMESTAMP AS built_at, ? AS root, ? AS stale_after_s",
+                [SCHEMA_VERSION, to_url(fs, root_path), stale_after],
+            )
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+    return to_url(fs, index_path)
+
+
+# -- scanning the runs root -------------------------------------------------------------------
+
+
+@dataclass
+class RunFiles:
+    """The files of one run directory found by :func:`scan`."""
+
+    path: str
+    chunks: dict[str, dict[str, int]] = field(default_factory=lambda: {k: {} for k in CHUNK_KINDS})
+    checkpoints: dict[str, int] = field(default_factory=dict)  # top-level name -> total bytes
+
+
+def scan(fs: fsspec.AbstractFileSystem, root_path: str) -> dict[str, RunFiles]:
+    """Every run directory under ``root_path`` (those with a ``status.json``), in one listing."""
+    runs: dict[str, RunFiles] = {}
+    found = fs.find(root_path, detail=True)
+    root_parts = len(PurePosixPath(root_path).parts)
+    for path in found:
+        parts = PurePosixPath(path).parts[root_parts:]
+        if len(parts) == 3 and parts[2] == "status.json":
+            run_dir = path.rsplit("/", 1)[0]
+            runs[run_dir] = RunFiles(run_dir)
+    for path, info in found.items():
+        parts = PurePosixPath(path).parts[root_parts:]
+        if len(parts) < 4 or path.endswith(TMP_SUFFIX):
+            continue
+        run = runs.get(url_join(root_path, parts[0], parts[1]))
+        if run is None:
+            continue
+        if parts[2] in CHUNK_KINDS and len(parts) == 4 and parts[3].endswith(".jsonl"):
+            run.chunks[parts[2]][path] = info["size"]
+        elif parts[2] == "checkpoints":
+            # A sharded checkpoint is a directory: count it once, with the size of all its files.
+            run.checkpoints[parts[3]] = run.checkpoints.get(parts[3], 0) + (info["size"] or 0)
+    return runs
+
+
+# -- updating the tables ----------------------------------------------------------------------
+
+
+def _update(
+    con: duckdb.DuckDBPyConnection,
+    fs: fsspec.AbstractFileSystem,
+    runs: dict[str, RunFiles],
+    stale_after: float,
+) -> None:
+    _drop_other_versions(con)
+    con.execute(_SCHEMA)
+    known_configs = _known_configs(con)
+    run_rows = _run_rows(fs, runs, known_configs, stale_after)
+    by_dir = {row["run_dir_path"]: row["run_id"] for row in run_rows}
+    _replace_table(con, "runs", run_rows, _RUNS_SCHEMA, "start_time, run_id")
+    con.execute("CREATE OR REPLACE TABLE runs AS SELECT * REPLACE (config::JSON AS config) FROM runs")
+    _replace_table(con, "configs", _config_rows(run_rows), _CONFIGS_SCHEMA, "run_id, key")
+    _replace_table(con, "artifacts", _artifact_rows(fs, runs, by_dir), _ARTIFACTS_SCHEMA, "run_id, step")
+    _forget_removed_runs(con)
+    for kind in CHUNK_KINDS:
+        _ingest_chunks(con, fs, kind, runs, by_dir)
+    con.execute(
+        """CREATE OR REPLACE TABLE metrics_last AS
+        SELECT run_id, name, max(step) AS step, arg_max(value, step) AS value, arg_max(time, step) AS time
+        FROM metrics GROUP BY run_id, name ORDER BY run_id, name"""
+    )
+
+
+def _drop_other_versions(con: duckdb.DuckDBPyConnection) -> None:
+    """An index written by another version of this module starts over from the run files."""
+    tables = [name for (name,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()]
+    if "index_info" in tables and _scalar(con, "SELECT schema_version FROM index_info") == SCHEMA_VERSION:
+        return
+    for name in tables:
+        con.execute(f"DROP TABLE {name}")
+
+
+def _known_configs(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Config JSON of runs already indexed: config.json never changes, so it is read once."""
+    if not _scalar(con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'runs'"):
+        return {}
+    return dict(con.execute("SELECT run_id, config::VARCHAR FROM runs").fetchall())
+
+
+def _run_rows(
+    fs: fsspec.AbstractFileSystem,
+    runs: dict[str, RunFiles],
+    known_configs: dict[str, str],
+    stale_after: float,
+) -> list[dict[str, Any]]:
+    docs = _cat_json(fs, [url_join(d, name) for d in runs for name in ("status.json", "env.json")])
+    rows, seen = [], {}
+    for run_dir in sorted(runs):
+        status = docs.get(url_join(run_dir, "status.json"))
+        if status is None:
+            continue
+        run_id = status["run_id"]
+        if run_id in seen:
+            warnings.warn(
+                f"run id {run_id} is in both {seen[run_id]} and {run_dir}; indexing the first only",
+                stacklevel=2,
+            )
+            continue
+        seen[run_id] = run_dir
+        env = docs.get(url_join(run_dir, "env.json"), {})
+        rows.append(_run_row(fs, run_dir, status, env, stale_after) | {"config": known_configs.get(run_id)})
+    missing = [r for r in rows if r["config"] is None]
+    configs = _cat_json(fs, [url_join(r["run_dir_path"], "config.json") for r in missing])
+    for row in missing:
+        row["config"] = json.dumps(configs.get(url_join(row["run_dir_path"], "config.json"), {}))
+    return rows
+
+
+def _run_row(
+    fs: fsspec.AbstractFileSystem, run_dir: str, s: dict[str, Any], env: dict[str, Any], stale_after: float
+) -> dict[str, Any]:
+    heartbeat = _timestamp(s.get("heartbeat"))
+    status = s.get("status")
+    cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=stale_after)
+    if status == "running" and heartbeat is not None and heartbeat < cutoff:
+        status = "stale"
+    git = env.get("git") or {}
+    job_ids = [str(j) for j in s.get("slurm_job_ids") or []]
+    return {
+        "run_id": s["run_id"],
+        "experiment": s.get("experiment"),
+        "recipe_name": s.get("recipe_name"),
+        "status": status,
+        "reason": s.get("reason"),
+        "start_time": _timestamp(s.get("start_time")),
+        "end_time": _timestamp(s.get("end_time")),
+        "last_step": s.get("last_step"),
+        "heartbeat": heartbeat,
+        "slurm_job_id": job_ids[-1] if job_ids else None,
+        "slurm_job_ids": job_ids,
+        "git_commit": git.get("commit"),
+        "git_dirty": git.get("dirty"),
+        "hosts": s.get("hosts") or [],
+        "world_size": s.get("world_size"),
+        "parent_run_id": s.get("parent_run_id"),
+        "attempts": len(s.get("attempts") or []) or None,
+        "run_dir": to_url(fs, run_dir),
+        "run_dir_path": run_dir,
+    }
+
+
+def _config_rows(run_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"run_id": row["run_id"], **leaf}
+        for row in run_rows
+        for leaf in flatten_config(json.loads(row["config"]))
+    ]
+
+
+def flatten_config(config: dict[str, Any], prefix: str = "") -> Iterator[dict[str, Any]]:
+    """Leaves of a nested config as ``{key: "a.b.c", value, value_num, value_type, value_json}``.
+
+    Tables nest; lists are leaves (``[1, 2]``), so a key names one setting of the recipe.
+    """
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from flatten_config(value, dotted + ".")
+            continue
+        kind = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}.get(type(value))
+        number = float(value) if kind in ("bool", "int", "float") else None
+        yield {
+            "key": dotted,
+            "value": value if isinstance(value, str) else json.dumps(value),
+            "value_num": number,
+            "value_type": kind or ("list" if isinstance(value, list) else "table"),
+            "value_json": json.dumps(value),
+        }
+
+
+def _artifact_rows(
+    fs: fsspec.AbstractFileSystem, runs: dict[str, RunFiles], by_dir: dict[str, str]
+) -> list[dict[str, Any]]:
+    rows = []
+    for run_dir, run in runs.items():
+        for name, size in sorted(run.checkpoints.items()):
+            step = _STEP_IN_NAME.search(name)
+            rows.append(
+                {
+                    "run_id": by_dir.get(run_dir),
+                    "kind": "checkpoint",
+                    "path": to_url(fs, url_join(run_dir, "checkpoints", name)),
+                    "step": int(step.group(1)) if step else None,
+                    "size_bytes": size,
+                }
+            )
+    return [r for r in rows if r["run_id"] is not None]
+
+
+def _replace_table(
+    con: duckdb.DuckDBPyConnection, name: str, rows: list[dict], schema: pa.Schema, order: str
+) -> None:
+    table = pa.Table.from_pylist(rows, schema=schema)  # columns not in the schema are dropped
+    con.register("_rows", table)
+    con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _rows ORDER BY {order}")
+    con.unregister("_rows")
+
+
+def _forget_removed_runs(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop rows of runs whose directory is gone, so the index mirrors the runs root."""
+    gone = "run_id NOT IN (SELECT run_id FROM runs)"
+    if not _scalar(con, f"SELECT count(*) FROM ingested_files WHERE {gone}"):
+        return
+    for table in (*CHUNK_KINDS, "ingested_files"):
+        con.execute(f"DELETE FROM {table} WHERE {gone}")
+
+
+def _ingest_chunks(
+    con: duckdb.DuckDBPyConnection,
+    fs: fsspec.AbstractFileSystem,
+    kind: str,
+    runs: dict[str, RunFiles],
+    by_dir: dict[str, str],
+) -> None:
+    """Bulk-load the chunk files of ``kind`` not ingested yet; the latest row per key wins."""
+    known = {p for (p,) in con.execute("SELECT path FROM ingested_files WHERE kind = ?", [kind]).fetchall()}
+    new = [
+        {"path": to_url(fs, path), "kind": kind, "run_id": by_dir[run_dir], "size_bytes": size}
+        for run_dir, run in runs.items()
+        if run_dir in by_dir
+        for path, size in run.chunks[kind].items()
+        if to_url(fs, path) not in known
+    ]
+    if not new:
+        return
+    con.register("_files", pa.Table.from_pylist(new))
+    keys = _ROW_KEYS[kind]
+    columns = _CHUNK_COLUMNS[kind]
+    struct = "{" + ", ".join(f"{c}: '{t}'" for c, t in columns.items()) + "}"
+    select = ", ".join(f"r.{c}" for c in columns if c != "time")
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _new AS
+        SELECT * FROM (
+            SELECT f.run_id, {select}, make_timestamp(CAST(round(r.time * 1e6) AS BIGINT)) AS time
+            FROM read_json(?, format = 'newline_delimited', columns = {struct}, filename = true) r
+            JOIN _files f ON r.filename = f.path)
+        QUALIFY row_number() OVER (PARTITION BY {", ".join(keys)} ORDER BY time DESC) = 1""",
+        [[f["path"] for f in new]],
+    )
+    match = " AND ".join(f"t.{k} = n.{k}" for k in keys)
+    # Rows logged again after a requeue replace the earlier ones (newer wall time wins).
+    con.execute(f"DELETE FROM {kind} t USING _new n WHERE {match} AND t.time <= n.time")
+    con.execute(
+        f"""INSERT INTO {kind} SELECT * FROM _new n
+        WHERE NOT EXISTS (SELECT 1 FROM {kind} t WHERE {match}) ORDER BY {_ROW_SORT[kind]}"""
+    )
+    con.execute("INSERT INTO ingested_files SELECT *, now()::TIMESTAMP FROM _files")
+    con.execute("DROP TABLE _new")
+    con.unregister("_files")
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
+    # fetchall, not fetchone: DuckDB 2 refuses new work while a result is partly fetched.
+    return con.execute(sql).fetchall()[0][0]
+
+
+def _cat_json(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, Any]:
+    """Read many small JSON files in one call (concurrent on object stores); missing ones are left out."""
+    if not paths:
+        return {}
+    out = {}
+    for path, data in fs.cat(paths, on_error="return").items():
+        if isinstance(data, bytes):
+            try:
+                out[path] = json.loads(data)
+            except json.JSONDecodeError:
+                warnings.warn(f"skipping {path}: not valid JSON", stacklevel=2)
+    return out
+
+
+def _timestamp(text: str | None) -> datetime | None:
+    """ISO time with ``Z`` (as written by the run writer) to a naive UTC datetime."""
+    if not text:
+        return None
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
+
+
+# -- the working copy and its publication -----------------------------------------------------
+
+
+@contextmanager
+def _working_copy(fs: fsspec.AbstractFileSystem, index_path: str, rebuild: bool) -> Iterator[str]:
+    """A local file to build the new index in, published over ``index_path`` when the block succeeds.
+
+    Local roots build next to the index (same filesystem, so ``os.replace`` is atomic); other roots
+    build in a temporary directory and upload under a temporary name before the final move.
+    """
+    local = isinstance(fs, LocalFileSystem)
+    tmpdir = None if local else tempfile.mkdtemp(prefix="vlforge-index-")
+    work = f"{index_path}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}" if local else os.path.join(tmpdir, INDEX_NAME)
+    try:
+        if not rebuild and fs.exists(index_path):
+            if local:
+                shutil.copyfile(index_path, work)
+            else:
+                fs.get_file(index_path, work)
+        yield work
+        if local:
+            os.replace(work, index_path)
+        else:
+            upload = f"{index_path}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+            fs.put_file(work, upload)
+            fs.mv(upload, index_path)
+    finally:
+        for leftover in (work, work + ".wal"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# -- the lock ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def index_lock(
+    fs: fsspec.AbstractFileSystem, lock_path: str, timeout: float, poll: float = 0.2
+) -> Iterator[None]:
+    """Hold ``index.duckdb.lock`` while writing the index; wait up to ``timeout`` s for it.
+
+    A lock left by a dead process on this host is taken over. On object stores, which have no
+    exclusive create, the lock is advisory (check, write, read back).
+    """
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(UTC).isoformat()}
+    deadline = time.monotonic() + timeout
+    while not _try_lock(fs, lock_path, me):
+        holder = _read_lock(fs, lock_path)
+        if _holder_is_dead(holder):
+            fs.rm_file(lock_path)
+            continue
+        if time.monotonic() >= deadline:
+            who = (
+                f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+                if holder
+                else "?"
+            )
+            raise IndexLockedError(
+                f"the index is being written by another indexer ({who}): {lock_path} is still held after "
+                f"{timeout:.0f} s. Wait for it to finish, or delete the lock file if that process is gone."
+            )
+        time.sleep(poll)
+    try:
+        yield
+    finally:
+        fs.rm_file(lock_path)
+
+
+def _try_lock(fs: fsspec.AbstractFileSystem, lock_path: str, me: dict[str, Any]) -> bool:
+    data = json.dumps(me).encode()
+    if isinstance(fs, LocalFileSystem):
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    if fs.exists(lock_path):
+        return False
+    fs.pipe_file(lock_path, data)
+    return _read_lock(fs, lock_path) == me
+
+
+def _read_lock(fs: fsspec.AbstractFileSystem, lock_path: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(fs.cat_file(lock_path))
+    except (FileNotFoundError, json.JSONDecodeError):  # gone, or its holder is still writing it
+        return None
+
+
+def _holder_is_dead(holder: dict[str, Any] | None) -> bool:
+    if not holder or holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else
+        return False
+    return False
