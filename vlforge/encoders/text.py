@@ -1,0 +1,105 @@
+"""``hf.text``: a transformers model (``AutoModel``) and its tokenizer as a text tower.
+
+Everything is read from local files: a pretrained folder, or a config table
+plus a tokenizer spec (``vlforge.data.tokenizers.load_tokenizer``).
+
+Shapes: B batch, L text length, D width, E joint embedding width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+from vlforge.components import TextOutput
+from vlforge.data.tokenizers import load_tokenizer
+
+if TYPE_CHECKING:
+    from vlforge.encoders import HFTextConfig
+
+
+class HFText(nn.Module):
+    """A transformers model's last hidden states, pooled, optionally projected (TextEncoderLike)."""
+
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, max_length: int, pool: str, embed_dim: int = 0
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.width = model.config.hidden_size
+        self.embed_dim = embed_dim
+        self.max_length = max_length
+        self.pool_type = pool
+        self.proj = nn.Linear(self.width, embed_dim, bias=False) if embed_dim else None
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Texts -> ``input_ids``/``attention_mask`` (B, L): padded to the longest, cut at max_length."""
+        encoded = self.tokenizer(
+            list(texts),
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,L,D), (B,L) -> (B,D)."""
+        if self.pool_type == "first":
+            return tokens[:, 0]
+        mask = attention_mask.to(tokens.dtype)
+        if self.pool_type == "mean":
+            return (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        # "last": the highest position holding a real token, whichever side the padding is on.
+        positions = torch.arange(mask.shape[1], device=mask.device, dtype=mask.dtype)
+        last = (mask * positions).argmax(dim=1)  # (B,)
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """(B,D) -> (B,E) L2-normalised, or None without a projection."""
+        if self.proj is None:
+            return None
+        return F.normalize(self.proj(pooled), dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
+        tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B,L,D)
+        pooled = self.pool(tokens, attention_mask)
+        return TextOutput(
+            tokens=tokens, pooled=pooled, embedding=self.project(pooled), attention_mask=attention_mask
+        )
+
+
+def build_hf_text(config: HFTextConfig, meta: bool = False) -> HFText:
+    """Build from an ``hf.text`` config; on the meta device no weights are allocated or read."""
+    tokenizer = load_tokenizer(config.tokenizer or config.pretrained)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        if config.pretrained and not meta:
+            model = AutoModel.from_pretrained(config.pretrained, local_files_only=True)
+        else:
+            model = AutoModel.from_config(_hf_config(config, tokenizer))
+        # We pool ourselves; an unused pooler would hold parameters without gradients, which DDP refuses.
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None
+        vocab = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > vocab:
+            raise ValueError(
+                f"hf.text: the tokenizer has {len(tokenizer)} tokens, the model's vocabulary {vocab}"
+            )
+        return HFText(model, tokenizer, config.max_length, config.pool, config.embed_dim)
+
+
+def _hf_config(config: HFTextConfig, tokenizer: Any) -> Any:
+    """The transformers config: the pretrained folder's, or one made from the recipe's table."""
+    if config.pretrained:
+        return AutoConfig.from_pretrained(config.pretrained, local_files_only=True)
+    options = dict(config.config or {})
+    options.setdefault("vocab_size", len(tokenizer))
+    options.setdefault("pad_token_id", tokenizer.pad_token_id)
+    return AutoConfig.for_model(options.pop("model_type"), **options)
