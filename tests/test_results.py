@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -410,3 +411,61 @@ def test_resolve_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("VLFORGE_RUNS", "s3://bucket/runs")
     assert resolve_root(None) == "s3://bucket/runs"
     assert resolve_root("memory://x") == "memory://x"
+
+
+# -- the documented queries -------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+
+
+def make_corpus(root: str) -> None:
+    """Runs of a small sweep (lr × masking ratio × seed) plus a failed, a dead and a resumed run."""
+    for i, (lr, ratio, seed) in enumerate(
+        (lr, r, s) for lr in (3e-4, 1e-3) for r in (0.5, 0.75) for s in (0, 1)
+    ):
+        config = {
+            "optim": {"lr": lr},
+            "masking": {"ratio": ratio},
+            "teacher": {"momentum": 0.995},
+            "seed": seed,
+        }
+        run = RunWriter.create(
+            root, "sweep", recipe_name="flip", recipe_toml="", config=config, world_size=2**i
+        )
+        for step in range(0, 301, 50):
+            loss = 3.0 / (1 + step * lr * 100) + ratio / 2 + seed / 10
+            run.log_metrics(step, {"train/loss": loss, "train/samples_per_s": 100.0 * 2**i})
+        run.log_eval(300, "zeroshot", {"top1": 1 - ratio / 2 + seed / 100}, dataset="imagenet")
+        Path(run.run_dir, "checkpoints").mkdir()
+        Path(run.run_dir, "checkpoints", "step_00000300.pt").write_bytes(b"0" * 1000)
+        run.close()
+    failed = RunWriter.create(
+        root, "sweep", recipe_name="flip", recipe_toml="", config={"optim": {"lr": 1.0}}
+    )
+    failed.log_metrics(0, {"train/loss": float("nan")})
+    failed.close("failed", "non-finite loss at step 0")
+    dead = RunWriter.create(root, "sweep", recipe_name="flip", recipe_toml="", config={"optim": {"lr": 3e-4}})
+    dead.log_metrics(0, {"train/loss": 3.0})
+    dead.flush()  # and never closed
+    tuned = RunWriter.create(
+        root, "tune", recipe_name="flip_unmasked", recipe_toml="", config={}, parent_run_id=run.run_id
+    )
+    tuned.log_metrics(0, {"train/loss": 1.5})
+    tuned.close("preempted", "SIGUSR1")
+    RunWriter.open(tuned.run_dir).close()
+
+
+def test_documented_queries_run_and_answer(tmp_path: Path) -> None:
+    make_corpus(str(tmp_path))
+    build_index(str(tmp_path), stale_after=0)
+    queries = re.findall(r"```sql\n(.*?)```", DOCS.read_text(), flags=re.S)
+    assert len(queries) >= 10
+    con = connect(str(tmp_path))
+    for sql in queries:
+        assert con.sql(sql).fetchall(), f"no rows from:\n{sql}"
+    con.close()
+    assert rows(tmp_path, "SELECT status, count(*) FROM runs GROUP BY ALL ORDER BY ALL") == [
+        ("completed", 9),
+        ("failed", 1),
+        ("stale", 1),
+    ]
