@@ -21,10 +21,13 @@ from vlforge.results import (
     QueryError,
     RunWriter,
     build_index,
+    compare_runs,
     connect,
     list_runs,
+    plot_metric,
     query,
     resolve_root,
+    write_parquet,
 )
 from vlforge.results.index import flatten_config, index_lock
 
@@ -469,3 +472,72 @@ def test_documented_queries_run_and_answer(tmp_path: Path) -> None:
         ("failed", 1),
         ("stale", 1),
     ]
+
+
+def test_compare_and_plot(tmp_path: Path) -> None:
+    make_corpus(str(tmp_path))
+    build_index(str(tmp_path))
+    ids = [r for (r,) in rows(tmp_path, "SELECT run_id FROM runs WHERE experiment = 'sweep' ORDER BY run_id")]
+    text = compare_runs(str(tmp_path), [ids[0], ids[1][:-1]])  # a unique prefix is enough
+    assert "config (differing keys)" in text and "train/loss" in text and "zeroshot/imagenet/top1" in text
+    with pytest.raises(QueryError, match="matches 11 runs"):
+        compare_runs(str(tmp_path), ["2"])
+
+    png = tmp_path / "curves.png"
+    assert (
+        plot_metric(str(tmp_path), "train/loss", str(png), where="experiment = 'sweep'", smoothing=0.6) == 10
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_metric(str(tmp_path), "train/loss", str(png), run_ids=ids[:3]) == 3
+    with pytest.raises(QueryError, match="metrics: train/loss, train/samples_per_s"):
+        plot_metric(str(tmp_path), "train/los", str(png))
+    with pytest.raises(QueryError):
+        plot_metric(str(tmp_path), "train/loss", str(png), where="true; DROP TABLE runs")
+
+    out = tmp_path / "final.parquet"
+    assert write_parquet(str(tmp_path), "SELECT * FROM metrics_last", str(out)) == 8 * 2 + 3
+    assert len(duckdb.sql(f"SELECT * FROM '{out}'").fetchall()) == 19
+
+
+# -- many writers, one indexer ----------------------------------------------------------------
+
+WRITERS = """
+import os, sys, time
+from vlforge.results import RunWriter
+root, n, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+children = []
+for i in range(n):  # forked after the imports: 32 real processes without 32 interpreter starts
+    pid = os.fork()
+    if pid == 0:
+        run = RunWriter.create(root, "swarm", f"w{i:02d}", recipe_name="t", recipe_toml="", config={"i": i},
+                               flush_every=20)
+        for step in range(steps):
+            run.log_metrics(step, {"a": i + step, "b": -step, "c": 0.5})
+            time.sleep(0.01)
+        run.close()
+        os._exit(0)
+    children.append(pid)
+sys.exit(max(os.waitpid(pid, 0)[1] for pid in children))
+"""
+
+
+def test_32_writers_while_indexing(tmp_path: Path) -> None:
+    root, steps = str(tmp_path), 100
+    writers = subprocess.Popen([sys.executable, "-c", WRITERS, root, "32", str(steps)])
+    passes = 0
+    while writers.poll() is None or passes < 2:
+        build_index(root)  # mid-write: the index holds whole chunks only
+        passes += 1
+        assert rows(
+            tmp_path, "SELECT count(*) FROM (SELECT DISTINCT run_id, step, name FROM metrics)"
+        ) == rows(tmp_path, "SELECT count(*) FROM metrics")
+    assert writers.returncode == 0 and passes >= 3, passes
+    build_index(root)
+    assert rows(tmp_path, "SELECT count(*), count(DISTINCT run_id) FROM metrics") == [(32 * steps * 3, 32)]
+    assert rows(
+        tmp_path, "SELECT count(*) FROM metrics WHERE name = 'a' AND value <> step + run_id[2:]::INT"
+    ) == [(0,)]
+    assert rows(tmp_path, "SELECT DISTINCT status FROM runs") == [("completed",)]
+    incremental = table_contents(tmp_path)
+    build_index(root, rebuild=True)
+    assert table_contents(tmp_path) == incremental

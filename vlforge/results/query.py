@@ -70,7 +70,7 @@ def query_arrow(root: str, sql: str) -> Any:
     """The result of a read-only query as a ``pyarrow.Table`` (``vlforge query --format parquet``)."""
     con = connect(root)
     try:
-        return _execute(con, sql).arrow()
+        return _execute(con, sql).to_arrow_table()
     finally:
         con.close()
 
@@ -111,6 +111,14 @@ def _fetch(root: str, sql: str) -> tuple[list[str], list[tuple]]:
 
 def _execute(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation | None:
     """Refuse what is not a read, then run ``sql`` (the last statement's result is returned)."""
+    _refuse_writes(con, sql)
+    try:
+        return con.sql(sql)
+    except duckdb.Error as e:
+        raise _translate(e) from e
+
+
+def _refuse_writes(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as e:
@@ -122,10 +130,6 @@ def _execute(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelatio
                 f"the index is read-only: {kind} statements are not allowed (queries may SELECT, "
                 "EXPLAIN, PRAGMA or CALL; the run directories are the source of truth)"
             )
-    try:
-        return con.sql(sql)
-    except duckdb.Error as e:
-        raise _translate(e) from e
 
 
 def _translate(error: duckdb.Error) -> QueryError:
@@ -214,3 +218,150 @@ def _numeric_column(values: list[Any]) -> bool:
     return bool(present) and all(
         isinstance(v, (int, float, Decimal)) and not isinstance(v, bool) for v in present
     )
+
+
+# -- several runs side by side ----------------------------------------------------------------
+
+
+def resolve_run_ids(con: duckdb.DuckDBPyConnection, refs: list[str]) -> list[str]:
+    """Full run ids from ids or unique prefixes of them (``20260301-1204``), in the given order."""
+    ids = []
+    for ref in refs:
+        found = [
+            r
+            for (r,) in con.execute("SELECT run_id FROM runs WHERE starts_with(run_id, ?)", [ref]).fetchall()
+        ]
+        if len(found) != 1:
+            problem = "no run" if not found else f"{len(found)} runs ({', '.join(sorted(found)[:5])})"
+            raise QueryError(
+                f"'{ref}' matches {problem} in the index; give a longer id, or run `vlforge index`"
+            )
+        ids.append(found[0])
+    return ids
+
+
+def compare_runs(root: str, run_ids: list[str]) -> str:
+    """``vlforge compare``: the runs' status, the recipe keys where they differ, final metrics and evals."""
+    con = connect(root)
+    try:
+        ids = resolve_run_ids(con, run_ids)
+        summary = con.execute(
+            """SELECT run_id, recipe_name, status, last_step, start_time, left(git_commit, 10) AS git_commit
+            FROM runs WHERE list_contains($ids, run_id) ORDER BY list_position($ids, run_id)""",
+            {"ids": ids},
+        ).fetchall()
+        differ = _pivot(
+            con,
+            """SELECT key, run_id, value FROM configs WHERE list_contains($ids, run_id) AND key IN (
+                SELECT key FROM configs WHERE list_contains($ids, run_id) GROUP BY key
+                HAVING count(DISTINCT value) > 1 OR count(*) < len($ids))""",
+            ids,
+        )
+        finals = _pivot(
+            con,
+            """SELECT name, run_id, value FROM metrics_last WHERE list_contains($ids, run_id)
+            UNION ALL
+            SELECT concat_ws('/', evaluator, nullif(dataset, ''), metric), run_id, arg_max(value, step)
+            FROM evals WHERE list_contains($ids, run_id) GROUP BY ALL""",
+            ids,
+        )
+    finally:
+        con.close()
+    columns = ["run_id", "recipe_name", "status", "last_step", "start_time", "git_commit"]
+    return "\n\n".join(
+        [
+            format_table(columns, summary),
+            format_table(["config (differing keys)", *ids], differ) if differ else "configs: identical",
+            format_table(["final metric", *ids], finals),
+        ]
+    )
+
+
+def _pivot(con: duckdb.DuckDBPyConnection, sql: str, ids: list[str]) -> list[tuple]:
+    """(row key, run id, value) triples to one row per key with a column per run, keys sorted."""
+    table: dict[str, dict[str, Any]] = {}
+    for key, run_id, value in con.execute(sql, {"ids": ids}).fetchall():
+        table.setdefault(key, {})[run_id] = value
+    return [(key, *(table[key].get(i) for i in ids)) for key in sorted(table)]
+
+
+def write_parquet(root: str, sql: str, out: str) -> int:
+    """``vlforge query --format parquet -o FILE``: the result of ``sql`` to a Parquet file; returns rows."""
+    import pyarrow.parquet as pq
+
+    table = query_arrow(root, sql)
+    with fsspec.open(out, "wb") as f:
+        pq.write_table(table, f)
+    return table.num_rows
+
+
+def plot_metric(
+    root: str,
+    metric: str,
+    out_png: str,
+    *,
+    run_ids: list[str] | None = None,
+    where: str | None = None,
+    smoothing: float = 0.0,
+) -> int:
+    """``vlforge plot``: curves of ``metric`` for the given runs (or those matching ``where``, or all
+    that logged it) on one figure, written to ``out_png``. ``smoothing`` in [0, 1) is the weight of
+    an exponential moving average (as TensorBoard's slider). Returns the number of lines drawn.
+    """
+    if not 0.0 <= smoothing < 1.0:
+        raise QueryError(f"smoothing must be in [0, 1), not {smoothing}")
+    con = connect(root)
+    try:
+        ids = resolve_run_ids(con, run_ids) if run_ids else None
+        curves = _curves(con, metric, ids, where)
+        if not curves:
+            names = [n for (n,) in con.execute("SELECT DISTINCT name FROM metrics ORDER BY name").fetchall()]
+            raise QueryError(f"no run selected has logged '{metric}' (metrics: {', '.join(names) or 'none'})")
+    finally:
+        con.close()
+    _draw(curves, metric, out_png, smoothing)
+    return len(curves)
+
+
+def _curves(
+    con: duckdb.DuckDBPyConnection, metric: str, ids: list[str] | None, where: str | None
+) -> dict[str, tuple[list[int], list[float]]]:
+    runs = "SELECT run_id FROM runs" + (f" WHERE {where}" if where else "")
+    sql = (
+        "SELECT run_id, list(step ORDER BY step), list(value ORDER BY step) FROM metrics WHERE name = $metric"
+        + (" AND list_contains($ids, run_id)" if ids else f" AND run_id IN ({runs})")
+        + " GROUP BY run_id ORDER BY run_id"
+    )
+    _refuse_writes(con, sql)
+    params: dict[str, Any] = {"metric": metric} | ({"ids": ids} if ids else {})
+    return {run: (steps, values) for run, steps, values in con.execute(sql, params).fetchall()}
+
+
+def _draw(
+    curves: dict[str, tuple[list[int], list[float]]], metric: str, out_png: str, smoothing: float
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for run_id, (steps, values) in curves.items():
+        ax.plot(steps, ema(values, smoothing), label=run_id, linewidth=1.2)
+    ax.set(xlabel="step", ylabel=metric, title=metric + (f" (EMA {smoothing:g})" if smoothing else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    with fsspec.open(out_png, "wb") as f:
+        fig.savefig(f, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    """Debiased exponential moving average: the first points are not pulled towards zero."""
+    if not weight:
+        return values
+    out, avg = [], 0.0
+    for i, value in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * value
+        out.append(avg / (1 - weight**i))
+    return out
