@@ -147,9 +147,11 @@ class BatchStream:
         from vlforge.data.sampler import ResumableSampler
 
         self.micro_batch = micro_batch
-        self.sampler = ResumableSampler(
-            len(dataset), rank=dist.rank(), world_size=dist.world_size(), seed=seed
-        )
+        self.seed = seed
+        self.sampler = ResumableSampler(dataset, rank=dist.rank(), world_size=dist.world_size(), seed=seed)
+        # The loader's own generator: creating an iterator must not draw from the global RNG,
+        # or a resumed run (which creates one mid-epoch) would drift from the uninterrupted one.
+        self.generator = torch.Generator()
         self.loader = DataLoader(
             dataset,
             batch_size=micro_batch,
@@ -158,16 +160,18 @@ class BatchStream:
             num_workers=num_workers,
             drop_last=True,
             pin_memory=torch.cuda.is_available(),
+            generator=self.generator,
         )
         self.epoch, self.index = 0, 0
         self._iterator: Iterator[Any] | None = None
 
     def batches_per_epoch(self) -> int:
-        return len(self.loader)
+        return self.sampler.samples_per_rank // self.micro_batch
 
     def next(self) -> dict[str, Any]:
         if self._iterator is None:
             self.sampler.load_state_dict({"epoch": self.epoch, "index": self.index})
+            self.generator.manual_seed(hash((self.seed, dist.rank(), self.epoch)) % 2**63)
             self._iterator = iter(self.loader)
         try:
             batch = next(self._iterator)
@@ -346,8 +350,7 @@ class Trainer:
         metrics["train/epoch"] = float(self.progress.epoch)
         if self.run is not None:
             self.plugins.call("vlforge_log", state=self.state, metrics=metrics)
-            self.run.log_metrics(self.progress.step, metrics)
-            self.run.heartbeat(self.progress.step)
+            self.run.log_metrics(self.progress.step, metrics)  # its periodic flush is the heartbeat
         return metrics
 
     # ------------------------------------------------------------------ the loop

@@ -60,7 +60,8 @@ class Plugins:
             raise PluginError(
                 f"plugin module '{module_name}' ({origin}) failed to import: {type(exc).__name__}: {exc}"
             ) from exc
-        self.register(module, module_name, source=f"{module_name} ({origin})")
+        if not self.manager.is_registered(module):  # e.g. already loaded from its entry point
+            self.register(module, module_name, source=f"{module_name} ({origin})")
 
     def load_entry_points(self) -> None:
         for ep in entry_points(group=ENTRY_POINT_GROUP):

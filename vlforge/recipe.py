@@ -224,18 +224,33 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> RawRecipe:
-    """Read a recipe file and everything it ``extends``."""
-    path = Path(path)
+def _read_text(location: str) -> str | None:
+    """A local path's or fsspec URL's text (a run directory's recipe may be remote); None if absent."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(location)
+    return fs.cat_file(path).decode() if fs.isfile(path) else None
+
+
+def _sibling(location: str, name: str) -> str:
+    """``name`` relative to the folder holding ``location`` (path or URL)."""
+    return (
+        str(Path(location).parent / name) if "://" not in location else f"{location.rsplit('/', 1)[0]}/{name}"
+    )
+
+
+def read_toml(path: str | Path, _chain: tuple[str, ...] = ()) -> RawRecipe:
+    """Read a recipe file (path or fsspec URL) and everything it ``extends``."""
     shown = str(path)
-    if not path.is_file():
-        raise RecipeError(shown, [Problem("", "file not found", shown)])
-    resolved = path.resolve()
-    if resolved in _chain:
-        cycle = " -> ".join(str(p) for p in (*_chain, resolved))
+    identity = shown if "://" in shown else str(Path(shown).resolve())
+    if identity in _chain:
+        cycle = " -> ".join((*_chain, identity))
         raise RecipeError(shown, [Problem("extends", f"circular extends: {cycle}", shown)])
+    text = _read_text(shown)
+    if text is None:
+        raise RecipeError(shown, [Problem("", "file not found", shown)])
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(shown, [Problem("", f"invalid TOML: {exc}", shown)]) from None
     base_name = data.pop("extends", None)
@@ -244,10 +259,10 @@ def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> RawRecipe:
         return own
     if not isinstance(base_name, str):
         raise RecipeError(shown, [Problem("extends", "must be a path string", shown)])
-    base_path = path.parent / base_name
-    if not base_path.is_file():
+    base_path = _sibling(shown, base_name)
+    if _read_text(base_path) is None:
         raise RecipeError(shown, [Problem("extends", f"base recipe '{base_path}' not found", shown)])
-    base = read_toml(base_path, (*_chain, resolved))
+    base = read_toml(base_path, (*_chain, identity))
     return RawRecipe(deep_merge(base.data, data), {**base.sources, **own.sources}, shown)
 
 
