@@ -541,3 +541,13 @@ def test_32_writers_while_indexing(tmp_path: Path) -> None:
     incremental = table_contents(tmp_path)
     build_index(root, rebuild=True)
     assert table_contents(tmp_path) == incremental
+
+
+def test_a_held_connection_keeps_its_snapshot_and_a_new_one_sees_the_new_index(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    held = connect(str(tmp_path))
+    make_run(tmp_path)
+    build_index(str(tmp_path))
+    assert query(str(tmp_path), "SELECT count(*) AS n FROM runs", "csv") == "n\n2\n"
+    assert held.execute("SELECT count(*) FROM runs").fetchall() == [(1,)]
+    held.close()

@@ -26,6 +26,7 @@ from vlforge.results.rundir import url_join
 Format = Literal["table", "csv", "json"]
 # Statement types `query` runs; everything else is refused before DuckDB sees it.
 _READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA", "CALL"}
+_CATALOG = "vlforge"  # what the index is attached as
 _MAX_CELL = 48  # wider cells are cut in the text table (JSON configs, long reasons)
 _downloads: str | None = None  # local copies of indexes that live on object stores
 
@@ -48,7 +49,13 @@ def connect(root: str, *, build: bool = True) -> duckdb.DuckDBPyConnection:
             raise QueryError(f"no index at {root}: run `vlforge index {root}` first")
         build_index(root)
     local = index_path if isinstance(fs, LocalFileSystem) else _download(fs, index_path)
-    con = duckdb.connect(local, read_only=True)
+    # A fresh in-memory database per call that attaches the file: duckdb.connect(path) would share
+    # one cached instance per path within a process, which keeps reading the file it first
+    # opened after the indexer has replaced it.
+    con = duckdb.connect(":memory:")
+    quoted = local.replace("'", "''")
+    con.execute(f"ATTACH '{quoted}' AS {_CATALOG} (READ_ONLY)")
+    con.execute(f"USE {_CATALOG}")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
