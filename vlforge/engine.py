@@ -17,7 +17,6 @@ import math
 import random
 import signal
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from vlforge import checkpoint as ckpt
 from vlforge import distributed as dist
 from vlforge.components import BuildContext
+from vlforge.data.stream import make_stream
 from vlforge.errors import RunFailed
 from vlforge.model import Progress, VLModel, build_component, build_model
 from vlforge.plugins import Plugins
@@ -137,59 +136,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --------------------------------------------------------------------------- data
-
-
-class BatchStream:
-    """Endless micro-batches over epochs; its position is (epoch, index in this rank's epoch)."""
-
-    def __init__(self, dataset: Any, collate: Any, micro_batch: int, seed: int, num_workers: int) -> None:
-        from vlforge.data.sampler import ResumableSampler
-
-        self.micro_batch = micro_batch
-        self.seed = seed
-        self.sampler = ResumableSampler(dataset, rank=dist.rank(), world_size=dist.world_size(), seed=seed)
-        # The loader's own generator: creating an iterator must not draw from the global RNG,
-        # or a resumed run (which creates one mid-epoch) would drift from the uninterrupted one.
-        self.generator = torch.Generator()
-        self.loader = DataLoader(
-            dataset,
-            batch_size=micro_batch,
-            sampler=self.sampler,
-            collate_fn=collate,
-            num_workers=num_workers,
-            drop_last=True,
-            pin_memory=torch.cuda.is_available(),
-            generator=self.generator,
-        )
-        self.epoch, self.index = 0, 0
-        self._iterator: Iterator[Any] | None = None
-
-    def batches_per_epoch(self) -> int:
-        return self.sampler.samples_per_rank // self.micro_batch
-
-    def next(self) -> dict[str, Any]:
-        if self._iterator is None:
-            self.sampler.load_state_dict({"epoch": self.epoch, "index": self.index})
-            self.generator.manual_seed(hash((self.seed, dist.rank(), self.epoch)) % 2**63)
-            self._iterator = iter(self.loader)
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._iterator = None
-            return self.next()
-        self.index += self.micro_batch
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]
-        self._iterator = None
-
-
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -217,9 +163,7 @@ class Trainer:
             for name, table in recipe.evaluators.items()
         }
         seed_everything(recipe.seed + 1000 * dist.rank())  # per-rank randomness from here on
-        self.stream = BatchStream(
-            self.data.dataset("train"), self.data.collate, self.micro_batch, recipe.seed, train.num_workers
-        )
+        self.stream = make_stream(self.data, self.micro_batch, recipe.seed, train.num_workers)
         self.wrapped: nn.Module = model
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
