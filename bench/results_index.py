@@ -181,8 +181,6 @@ def equivalents(curve_run: str) -> dict[str, dict[str, Any]]:
                 "SELECT (r.config->'$.optim.lr')::DOUBLE AS lr, "
                 "(r.config->'$.masking.ratio')::DOUBLE AS ratio, avg(m.value), stddev_samp(m.value) "
                 "FROM metrics_last m JOIN runs r USING (run_id) WHERE m.name = 'train/loss' GROUP BY ALL"
-            ), stddev_samp(m.value) FROM metrics_last m JOIN runs r USING (run_id) "
-                "WHERE m.name = 'train/loss' GROUP BY ALL"
             ),
         }
     }
