@@ -9,10 +9,13 @@ clear message and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
 from vlforge.errors import UserError, VlforgeError
+
+EXTENSION_MODULES = ("vlforge.launch.commands", "vlforge.data.commands")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="ingest run directories into <root>/index.duckdb")
     index.add_argument("root", nargs="?", help="runs root (default: as --runs-root)")
     index.set_defaults(func=cmd_index)
+
+    # Subsystems add their own subcommands; these modules must stay light (no torch import).
+    for module in EXTENSION_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""albef plugin (being written)."""

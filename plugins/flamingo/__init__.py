@@ -1,0 +1,1 @@
+"""flamingo plugin (being written)."""
