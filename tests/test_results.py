@@ -16,6 +16,7 @@ import duckdb
 import fsspec
 import pytest
 
+from vlforge.errors import UserError
 from vlforge.results import (
     IndexLockedError,
     QueryError,
@@ -90,6 +91,9 @@ def test_status_is_replaced_atomically(tmp_path: Path) -> None:
     """A reader polling status.json while the writer rewrites it always parses a whole file."""
     run = make_run(tmp_path)
     path = Path(run.run_dir) / "status.json"
+    run.heartbeat(123)  # within heartbeat_every of the last write: skipped
+    assert json.loads(path.read_text())["last_step"] == 4
+    run.heartbeat_every = 0
     stop, seen = threading.Event(), []
 
     def read() -> None:
@@ -405,6 +409,11 @@ def test_memory_root_end_to_end() -> None:
             query(root, "DELETE FROM metrics")
     finally:
         fsspec.filesystem("memory").rm(root.removeprefix("memory://"), recursive=True)
+
+
+def test_missing_root_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no runs root at"):
+        list_runs(str(tmp_path / "nowhere"))
 
 
 def test_resolve_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,7 +34,7 @@ import fsspec
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from vlforge.errors import VlforgeError
+from vlforge.errors import UserError, VlforgeError
 from vlforge.results.rundir import TMP_SUFFIX, to_url, url_join
 
 INDEX_NAME = "index.duckdb"
@@ -139,6 +139,8 @@ def build_index(
     :class:`IndexLockedError`. Returns the index's URL.
     """
     fs, root_path = fsspec.core.url_to_fs(root)
+    if not fs.isdir(root_path):
+        raise UserError(f"no runs root at {root}: nothing to index (give --runs-root or set VLFORGE_RUNS)")
     index_path = url_join(root_path, INDEX_NAME)
     with index_lock(fs, index_path + LOCK_SUFFIX, lock_timeout), _working_copy(fs, index_path, rebuild) as db:
         con = duckdb.connect(db)

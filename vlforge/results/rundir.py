@@ -21,6 +21,7 @@ from __future__ import annotations
 import getpass
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import secrets
@@ -101,6 +102,10 @@ class RunWriter:
     logging (a run whose heartbeat is older than the indexer's threshold shows as ``stale``).
     """
 
+    # status.json is rewritten by heartbeat() at most this often: the stale threshold is minutes,
+    # and on an object store every rewrite is a request.
+    heartbeat_every: float = 10.0
+
     def __init__(
         self,
         fs: fsspec.AbstractFileSystem,
@@ -119,6 +124,7 @@ class RunWriter:
         self._metrics: list[dict[str, Any]] = []
         self._evals: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
+        self._last_status_write = -math.inf
         self._closed = False
 
     # -- construction -------------------------------------------------------------------------
@@ -140,6 +146,8 @@ class RunWriter:
         flush_seconds: float = 30.0,
     ) -> RunWriter:
         """Start a new run under ``<root>/<experiment>/<run_id>/`` (the id is generated if not given)."""
+        if not experiment or "/" in experiment or experiment.startswith("."):
+            raise ValueError(f"experiment name {experiment!r} must be one non-empty path segment")
         run_id = run_id or new_run_id()
         fs, root_path = fsspec.core.url_to_fs(root)
         path = url_join(root_path, experiment, run_id)
@@ -242,10 +250,12 @@ class RunWriter:
         self.flush()
 
     def heartbeat(self, step: int | None = None) -> None:
-        """Say the run is alive (and at ``step``): rewrites ``status.json``."""
+        """Say the run is alive (and at ``step``): rewrites ``status.json`` if the last write is
+        older than ``heartbeat_every`` seconds."""
         if step is not None:
             self._status["last_step"] = int(step)
-        self._write_status()
+        if time.monotonic() - self._last_status_write >= self.heartbeat_every:
+            self._write_status()
 
     def set_status(self, status: Status, reason: str | None = None) -> None:
         if status not in STATUSES:
@@ -303,6 +313,7 @@ class RunWriter:
         self._write(f"{kind}/{name}", data)
 
     def _write_status(self) -> None:
+        self._last_status_write = time.monotonic()
         self._status["heartbeat"] = utc_now()
         self._write("status.json", _dumps(self._status, indent=2))
 
