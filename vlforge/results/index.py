@@ -120,10 +120,6 @@ class IndexLockedError(VlforgeError):
     """Another indexer held the lock for longer than we were willing to wait."""
 
 
-def index_url(root: str) -> str:
-    return url_join(root, INDEX_NAME)
-
-
 def build_index(
     root: str,
     *,
@@ -210,8 +206,9 @@ def _update(
     known_configs = _known_configs(con)
     run_rows = _run_rows(fs, runs, known_configs, stale_after)
     by_dir = {row["run_dir_path"]: row["run_id"] for row in run_rows}
-    _replace_table(con, "runs", run_rows, _RUNS_SCHEMA, "start_time, run_id")
-    con.execute("CREATE OR REPLACE TABLE runs AS SELECT * REPLACE (config::JSON AS config) FROM runs")
+    _replace_table(
+        con, "runs", run_rows, _RUNS_SCHEMA, "start_time, run_id", "* REPLACE (config::JSON AS config)"
+    )
     _replace_table(con, "configs", _config_rows(run_rows), _CONFIGS_SCHEMA, "run_id, key")
     _replace_table(con, "artifacts", _artifact_rows(fs, runs, by_dir), _ARTIFACTS_SCHEMA, "run_id, step")
     _forget_removed_runs(con)
@@ -351,11 +348,16 @@ def _artifact_rows(
 
 
 def _replace_table(
-    con: duckdb.DuckDBPyConnection, name: str, rows: list[dict], schema: pa.Schema, order: str
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    rows: list[dict],
+    schema: pa.Schema,
+    order: str,
+    select: str = "*",
 ) -> None:
     table = pa.Table.from_pylist(rows, schema=schema)  # columns not in the schema are dropped
     con.register("_rows", table)
-    con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _rows ORDER BY {order}")
+    con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT {select} FROM _rows ORDER BY {order}")
     con.unregister("_rows")
 
 
