@@ -109,8 +109,11 @@ class DataSourceLike(Protocol):
 
 @runtime_checkable
 class EvaluatorLike(Protocol):
-    """evaluator: metrics of the model on held-out data. ``evaluate`` runs on every rank
-    (in eval mode, no grad) and returns the same ``{metric: value}`` on all ranks."""
+    """evaluator: metrics of the model on held-out data.
+
+    The engine calls ``evaluate`` on rank 0 only (it must not use collectives)
+    and broadcasts the returned ``{metric: value}`` to the other ranks.
+    Evaluators put the model in eval mode and restore its previous mode."""
 
     def evaluate(self, model: VLModel, ctx: BuildContext) -> dict[str, float]: ...
 
