@@ -45,13 +45,16 @@ class Step:
 
     Objectives share features: the first one that reads ``step.image`` pays
     for the vision forward, the others reuse it. Masking applies in training
-    mode only (the masking component checks ``self.training``).
+    mode only (the masking component checks ``self.training``). Other values
+    objectives share within the micro-batch (e.g. a teacher's features) go in
+    ``cache``, under keys prefixed by the plugin's name.
     """
 
     def __init__(self, model: VLModel, batch: dict[str, Any], progress: Progress) -> None:
         self.model = model
         self.batch = batch
         self.progress = progress
+        self.cache: dict[str, Any] = {}
 
     @cached_property
     def image(self) -> VisionOutput:

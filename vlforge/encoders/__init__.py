@@ -95,6 +95,12 @@ class HFTextConfig(ComponentConfig):
         description="'first': first token (CLS); 'mean': mean of real tokens; 'last': last real token",
     )
     embed_dim: int = Field(0, ge=0, description="joint embedding width E (bias-free projection); 0: none")
+    num_layers: int | None = Field(
+        None,
+        gt=0,
+        description="run only the first N transformer layers (default: all); the removed layers are "
+        "offered to a fusion module that continues from them (ALBEF's text/fusion split of one BERT)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> HFTextConfig:

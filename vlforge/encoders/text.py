@@ -27,10 +27,18 @@ class HFText(nn.Module):
     """A transformers model's last hidden states, pooled, optionally projected (TextEncoderLike)."""
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, max_length: int, pool: str, embed_dim: int = 0
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        max_length: int,
+        pool: str,
+        embed_dim: int = 0,
+        removed_layers: list[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        # Layers cut off by ``num_layers``: not run, trained or saved here; a fusion module may take them.
+        self.removed_layers = removed_layers or []
         self.tokenizer = tokenizer
         self.width = model.config.hidden_size
         self.embed_dim = embed_dim
@@ -92,7 +100,8 @@ def build_hf_text(config: HFTextConfig, meta: bool = False) -> HFText:
             raise ValueError(
                 f"hf.text: the tokenizer has {len(tokenizer)} tokens, the model's vocabulary {vocab}"
             )
-        return HFText(model, tokenizer, config.max_length, config.pool, config.embed_dim)
+        removed = keep_first_layers(model, config.num_layers) if config.num_layers else []
+        return HFText(model, tokenizer, config.max_length, config.pool, config.embed_dim, removed)
 
 
 def _hf_config(config: HFTextConfig, tokenizer: Any) -> Any:
@@ -103,3 +112,29 @@ def _hf_config(config: HFTextConfig, tokenizer: Any) -> Any:
     options.setdefault("vocab_size", len(tokenizer))
     options.setdefault("pad_token_id", tokenizer.pad_token_id)
     return AutoConfig.for_model(options.pop("model_type"), **options)
+
+
+# Where transformers text models keep their layer stack: BERT/RoBERTa, DistilBERT, GPT-2, LLaMA-style.
+LAYER_STACKS = ("encoder.layer", "transformer.layer", "h", "layers")
+
+
+def keep_first_layers(model: nn.Module, count: int) -> list[nn.Module]:
+    """Cut ``model``'s layer stack to its first ``count`` layers; returns the removed ones in order."""
+    stack = _layer_stack(model)
+    if count > len(stack):
+        raise ValueError(f"hf.text: num_layers = {count} but the model has {len(stack)} layers")
+    removed = list(stack[count:])
+    del stack[count:]
+    model.config.num_hidden_layers = count
+    return removed
+
+
+def _layer_stack(model: nn.Module) -> nn.ModuleList:
+    for path in LAYER_STACKS:
+        try:
+            stack = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(stack, nn.ModuleList):
+            return stack
+    raise ValueError(f"hf.text: num_layers needs a layer stack at one of {LAYER_STACKS}")
