@@ -28,7 +28,13 @@ PROBE = (
 COMMANDS = {
     "python -c pass (interpreter)": [sys.executable, "-c", "pass"],
     "vlforge --help": [sys.executable, "-c", PROBE, "--help"],
-    "vlforge validate quickstart": [sys.executable, "-c", PROBE, "validate", str(REPO / "recipes/quickstart.toml")],
+    "vlforge validate quickstart": [
+        sys.executable,
+        "-c",
+        PROBE,
+        "validate",
+        str(REPO / "recipes/quickstart.toml"),
+    ],
     "vlforge plugins": [sys.executable, "-c", PROBE, "plugins"],
 }
 
@@ -53,7 +59,9 @@ def main() -> None:
         rows[name] = {"median_s": round(seconds, 4), "heavy_imports": heavy.split(",") if heavy else []}
         print(f"{name:32s} {seconds * 1000:7.0f} ms   heavy imports: {heavy or 'none'}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cli_startup.json").write_text(json.dumps({"repeat": args.repeat, "commands": rows}, indent=2) + "\n")
+    (RESULTS / "cli_startup.json").write_text(
+        json.dumps({"repeat": args.repeat, "commands": rows}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":
