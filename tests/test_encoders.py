@@ -267,3 +267,25 @@ def test_text_pretrained_loads_real_weights(minilm):
     batch = encoder.tokenize(["hello world"])
     assert batch["input_ids"].tolist() == [[101, 7592, 2088, 102]]  # bert-base-uncased ids
     assert encoder(**batch).tokens.shape == (1, 4, 384)
+
+
+def test_text_last_pool_with_left_padding(words_tokenizer):
+    encoder = build_hf_text(HFTextConfig(config=TINY_BERT, tokenizer=words_tokenizer, pool="last")).eval()
+    encoder.tokenizer.padding_side = "left"
+    try:
+        batch = encoder.tokenize(["a red circle", "a blue square on the left"])
+    finally:
+        encoder.tokenizer.padding_side = "right"
+    assert batch["attention_mask"][0, 0] == 0  # padded on the left
+    output = encoder(**batch)
+    torch.testing.assert_close(output.pooled, output.tokens[:, -1])
+
+
+def test_text_num_layers_keeps_the_first_layers(words_tokenizer):
+    encoder = build_hf_text(HFTextConfig(config=TINY_BERT, tokenizer=words_tokenizer, num_layers=1))
+    assert len(encoder.model.encoder.layer) == 1 and len(encoder.removed_layers) == 1
+    kept = {id(p) for p in encoder.parameters()}
+    assert not any(id(p) in kept for p in encoder.removed_layers[0].parameters())  # not trained or saved here
+    assert encoder(**encoder.tokenize(["a red circle"])).tokens.shape == (1, 5, 64)
+    with pytest.raises(ValueError, match="num_layers = 3 but the model has 2 layers"):
+        build_hf_text(HFTextConfig(config=TINY_BERT, tokenizer=words_tokenizer, num_layers=3))

@@ -62,12 +62,13 @@ class HFText(nn.Module):
         """(B,L,D), (B,L) -> (B,D)."""
         if self.pool_type == "first":
             return tokens[:, 0]
-        mask = attention_mask.to(tokens.dtype)
         if self.pool_type == "mean":
-            return (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            mask = attention_mask.to(tokens.dtype)[..., None]  # (B,L,1)
+            return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
         # "last": the highest position holding a real token, whichever side the padding is on.
-        positions = torch.arange(mask.shape[1], device=mask.device, dtype=mask.dtype)
-        last = (mask * positions).argmax(dim=1)  # (B,)
+        # Integer positions: a bf16 position would round beyond 256.
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.long() * positions).argmax(dim=1)  # (B,)
         return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor | None:
