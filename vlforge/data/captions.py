@@ -1,0 +1,190 @@
+"""Image-text pairs from caption files, as ALBEF's pretraining and retrieval data come.
+
+A caption file is a JSON list, or JSON lines, of entries::
+
+    {"image": "train2014/COCO_train2014_000000000009.jpg", "caption": "a plate of food"}
+    {"image": "vg/1.jpg", "caption": ["two men", "men by a bus"]}     # one is drawn per epoch
+
+(``captions`` is accepted for ``caption``.) Image paths are relative to
+``image_root`` (default: the caption file's folder) and read through fsspec.
+
+For streaming, each epoch permutes all entries (seeded) and cuts the
+permutation into chunks of ``chunk_size``: the chunks are the units readers
+split and resume by, so shuffling is global, as ALBEF's random sampler is.
+Every image is its own request: for remote data at scale, pack to shards
+(``vlforge data pack``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from vlforge.data.examples import (
+    EvalSplit,
+    ImageText,
+    PairCollate,
+    clean_caption,
+    data_config_of,
+    load_image,
+    resolve_collate,
+    tokenizer_of,
+)
+from vlforge.data.sharded import BadSample, StreamingSource
+from vlforge.data.transforms import ImagePipeline, sample_seed
+from vlforge.data.urls import expand_urls, join_url, parent_url, read_bytes
+from vlforge.errors import UserError
+
+if TYPE_CHECKING:
+    from vlforge.components import BuildContext
+    from vlforge.data import CaptionsConfig
+
+
+class Entry(NamedTuple):
+    key: str  # "<file stem>/<index in file>"
+    image_url: str
+    captions: tuple[str, ...]
+
+
+class Chunk(NamedTuple):
+    entries: np.ndarray  # indices into the entry list, in reading order
+
+
+def read_caption_file(url: str, image_root: str = "") -> list[Entry]:
+    """The entries of one JSON or JSONL caption file (``image_root`` default: the file's folder)."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rt", compression="infer", encoding="utf-8") as stream:
+            text = stream.read()
+    except OSError as exc:
+        raise UserError(f"caption file {url}: {type(exc).__name__}: {exc}") from exc
+    try:
+        stripped = text.lstrip()
+        records = json.loads(stripped) if stripped.startswith("[") else _json_lines(text)
+    except ValueError as exc:
+        raise UserError(f"caption file {url}: not JSON or JSON lines ({exc})") from exc
+    root = image_root or parent_url(url)
+    stem = url.rsplit("/", 1)[-1].split(".", 1)[0]
+    return [_entry(record, f"{stem}/{index}", root, url) for index, record in enumerate(records)]
+
+
+def _json_lines(text: str) -> list[Any]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _entry(record: Any, key: str, root: str, url: str) -> Entry:
+    if not isinstance(record, dict) or "image" not in record:
+        raise UserError(f"caption file {url}: entry {key} has no 'image' (got {str(record)[:80]})")
+    captions = record.get("caption", record.get("captions", ()))
+    captions = (captions,) if isinstance(captions, str) else tuple(captions)
+    return Entry(key, join_url(root, record["image"]), captions)
+
+
+class CaptionsSource(StreamingSource):
+    """The ``captions`` data source: streaming train entries plus held-out caption files."""
+
+    def __init__(
+        self,
+        config: CaptionsConfig,
+        *,
+        train_pipeline: ImagePipeline,
+        eval_pipeline: ImagePipeline,
+        collate: Any,
+    ) -> None:
+        self.config = config
+        self.bad_data = config.bad_data
+        self.entries = [
+            entry for url in expand_urls(config.files) for entry in read_caption_file(url, config.image_root)
+        ]
+        if not self.entries:
+            raise UserError(f"data.files: no entries in {config.files}")
+        self.train_pipeline, self.eval_pipeline = train_pipeline, eval_pipeline
+        self.collate = collate
+        self._units: tuple[tuple[int, int], list[Chunk]] | None = None  # (epoch, seed) -> chunks
+
+    @classmethod
+    def from_context(cls, config: CaptionsConfig, ctx: BuildContext) -> CaptionsSource:
+        data_config = data_config_of(ctx, "captions")
+        return cls(
+            config,
+            train_pipeline=ImagePipeline(config.image, data_config, train=True),
+            eval_pipeline=ImagePipeline(config.image, data_config, train=False),
+            collate=resolve_collate(config.collate, ctx, PairCollate(tokenizer_of(ctx))),
+        )
+
+    # ------------------------------------------------------------------ streaming
+
+    def units(self, epoch: int, seed: int) -> list[Chunk]:
+        if self._units is None or self._units[0] != (epoch, seed):
+            count, size = len(self.entries), self.config.chunk_size
+            order = (
+                np.random.default_rng([seed, epoch]).permutation(count)
+                if self.config.shuffle
+                else np.arange(count)
+            )
+            self._units = ((epoch, seed), [Chunk(order[i : i + size]) for i in range(0, count, size)])
+        return self._units[1]
+
+    def read(self, unit: Chunk, start: int) -> Iterator[tuple[Entry, bytes | None]]:
+        for index in unit.entries[start:]:
+            entry = self.entries[index]
+            yield entry, _image_bytes(entry.image_url)
+
+    def decode(
+        self, raw: tuple[Entry, bytes | None], seed: int, epoch: int, counts: Counter[str]
+    ) -> ImageText:
+        entry, image = raw
+        if image is None:
+            raise BadSample("unreadable_image", f"{entry.key}: cannot read {entry.image_url}")
+        captions = [clean_caption(text, self.config.max_words) for text in entry.captions]
+        captions = [caption for caption in captions if caption]
+        if not captions:
+            raise BadSample("missing_caption", entry.key)
+        # ALBEF draws one caption of a multi-caption entry per epoch; here the draw is seeded.
+        pick = np.random.default_rng(sample_seed(seed, epoch, entry.key)).integers(len(captions))
+        return ImageText(
+            entry.key,
+            load_image(self.train_pipeline, image, seed=seed, epoch=epoch, key=entry.key),
+            captions[pick],
+        )
+
+    def num_samples(self) -> int:
+        return len(self.entries)
+
+    # ------------------------------------------------------------------ held-out splits
+
+    def dataset(self, split: str) -> EvalSplit:
+        """A held-out caption file: each entry with its first caption, eval pipeline."""
+        if split not in self.config.splits:
+            raise UserError(
+                f"captions has no split '{split}' (data.splits: {', '.join(self.config.splits) or 'none'})"
+            )
+        entries = [
+            entry
+            for url in expand_urls(self.config.splits[split])
+            for entry in read_caption_file(url, self.config.image_root)
+        ]
+        return EvalSplit(entries, functools.partial(self._held_out, split))
+
+    def _held_out(self, split: str, entry: Entry) -> ImageText:
+        image = _image_bytes(entry.image_url)
+        if image is None or not entry.captions:
+            raise UserError(f"held-out split '{split}': entry {entry.key} has no readable image or caption")
+        try:
+            pixels = load_image(self.eval_pipeline, image, seed=0, epoch=0, key=entry.key)
+        except BadSample as exc:
+            raise UserError(f"held-out split '{split}': {exc}") from exc
+        return ImageText(entry.key, pixels, clean_caption(entry.captions[0], self.config.max_words))
+
+
+def _image_bytes(url: str) -> bytes | None:
+    try:
+        return read_bytes(url)
+    except OSError:  # a missing or unreachable image is a skipped sample, counted by decode
+        return None

@@ -1,0 +1,216 @@
+"""`vlforge data pack` and `vlforge data inspect`.
+
+``pack`` writes WebDataset shards in img2dataset's layout (``key.<image
+ext>``, ``key.txt``, ``key.json``) plus ``sizes.json`` (samples per shard,
+which the ``webdataset`` source reads for its epoch length), from either
+
+* a folder of images with a same-named ``.txt`` caption beside each one, or
+* a caption file (JSON/JSONL of {image, caption(s)}, as the ``captions`` source reads).
+
+Images are stored as they are (no re-encoding). An entry of several captions
+keeps the first in ``.txt`` and all of them in ``.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlforge.data.captions import read_caption_file
+from vlforge.data.sharded import SIZES_FILE
+from vlforge.data.tar import KEY_FIELD, BadShard, TarWriter, read_samples
+from vlforge.data.urls import expand_urls, read_bytes
+from vlforge.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+CAPTION_FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+
+
+@dataclass
+class PackItem:
+    source: str  # where the image came from (kept in key.json)
+    image_url: str
+    captions: tuple[str, ...]
+
+
+@dataclass
+class PackReport:
+    shards: dict[str, int] = field(default_factory=dict)  # shard file name -> samples
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.shards.values())
+
+
+def pack_items(src: str, image_root: str = "") -> list[PackItem]:
+    """What ``src`` holds: a caption file's entries, or a folder's images with their .txt captions."""
+    if src.endswith(CAPTION_FILE_SUFFIXES):
+        return [
+            PackItem(entry.key, entry.image_url, entry.captions)
+            for entry in read_caption_file(src, image_root)
+        ]
+    folder = Path(src)
+    if not folder.is_dir():
+        raise UserError(
+            f"{src}: neither a folder of images nor a caption file ({', '.join(CAPTION_FILE_SUFFIXES)})"
+        )
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [
+        PackItem(str(image.relative_to(folder)), str(image), _folder_captions(image.with_suffix(".txt")))
+        for image in images
+    ]
+
+
+def _folder_captions(path: Path) -> tuple[str, ...]:
+    return (path.read_text(encoding="utf-8").strip(),) if path.is_file() else ()
+
+
+def pack(
+    src: str, dest: str, *, shard_size: int = 1000, image_root: str = "", progress: bool = True
+) -> PackReport:
+    """Write ``src`` as shards ``dest/00000.tar``... and ``dest/sizes.json``; returns what was written."""
+    import fsspec
+    from tqdm.auto import tqdm
+
+    items = pack_items(src, image_root)
+    if not items:
+        raise UserError(f"{src}: nothing to pack")
+    fs, root = fsspec.core.url_to_fs(dest)
+    fs.makedirs(root, exist_ok=True)
+    report = PackReport()
+    digits = len(str(shard_size - 1))
+    bar = tqdm(total=len(items), unit="sample", desc=f"packing {src}", disable=not progress)
+    for shard_index, batch in enumerate(_samples(items, shard_size, report.skipped, bar)):
+        name = f"{shard_index:05d}.tar"
+        with fs.open(f"{root}/{name}", "wb") as stream:
+            writer = TarWriter(stream)
+            for index, sample in enumerate(batch):
+                writer.write({**sample, KEY_FIELD: f"{shard_index:05d}{index:0{digits}d}"})
+            writer.close()
+        report.shards[name] = writer.count
+    bar.close()
+    with fs.open(f"{root}/{SIZES_FILE}", "w") as stream:
+        json.dump(report.shards, stream, indent=1)
+    return report
+
+
+def _samples(
+    items: list[PackItem], shard_size: int, skipped: Counter[str], bar: Any
+) -> Iterator[list[dict[str, Any]]]:
+    """Shard-sized lists of samples; items without a readable image or a caption are counted and left out."""
+    batch: list[dict[str, Any]] = []
+    for item in items:
+        bar.update(1)
+        captions = [caption.strip() for caption in item.captions if caption.strip()]
+        if not captions:
+            skipped["missing_caption"] += 1
+            continue
+        try:
+            image = read_bytes(item.image_url)
+        except OSError:
+            skipped["unreadable_image"] += 1
+            continue
+        extension = item.image_url.rsplit(".", 1)[-1].lower()
+        batch.append(
+            {
+                extension if f".{extension}" in IMAGE_SUFFIXES else "jpg": image,
+                "txt": captions[0],
+                "json": json.dumps({"source": item.source, "captions": captions}),
+            }
+        )
+        if len(batch) == shard_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@dataclass
+class ShardSummary:
+    url: str
+    samples: int
+    fields: Counter[str]
+    error: str | None  # how reading broke off, if it did
+
+
+def inspect_shards(
+    spec: str, *, show: int = 3, max_shards: int | None = None
+) -> tuple[list[ShardSummary], list[dict]]:
+    """Per-shard sample counts (reading each shard through) and the first ``show`` samples."""
+    summaries, examples = [], []
+    for url in expand_urls(spec)[:max_shards]:
+        fields: Counter[str] = Counter()
+        count, error = 0, None
+        try:
+            for sample in read_samples(url):
+                count += 1
+                fields.update(name for name in sample if not name.startswith("__"))
+                if len(examples) < show:
+                    examples.append(sample)
+        except BadShard as exc:
+            error = f"{exc.kind}: {exc}"
+        summaries.append(ShardSummary(url, count, fields, error))
+    return summaries, examples
+
+
+def describe_sample(sample: dict[str, Any]) -> str:
+    """One sample as text: key, fields with sizes, caption, image size."""
+    lines = [f"{sample[KEY_FIELD]}  ({sample.get('__url__', '')})"]
+    for name, value in sorted(sample.items()):
+        if name.startswith("__"):
+            continue
+        if name in ("txt", "json"):
+            text = value.decode("utf-8", "replace")
+            lines.append(f"  {name}: {text[:200]}")
+        else:
+            lines.append(f"  {name}: {len(value)} bytes{_image_size(value)}")
+    return "\n".join(lines)
+
+
+def _image_size(data: bytes) -> str:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return f", {image.format} {image.width}x{image.height}"
+    except (UnidentifiedImageError, OSError):
+        return ", not a readable image"
+
+
+# --------------------------------------------------------------------------- demo data
+
+
+def write_shapes_folder(
+    folder: str | Path, count: int, *, image_size: int = 64, seed: int = 0, noise: float = 0.05
+) -> list[Path]:
+    """Write ``count`` generated shapes (``synthetic.shapes`` train items) as JPEG + .txt caption files.
+
+    A dataset in the on-disk form ``pack`` reads, for demos, tests and benchmarks.
+    """
+    import torch
+    from torchvision.io import encode_jpeg
+
+    from vlforge.data.synthetic import ShapesDataset
+
+    shapes = ShapesDataset(seed=seed, split="train", length=count, image_size=image_size, noise=noise)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        item = shapes[index]
+        pixels = torch.from_numpy(item["image"]).permute(2, 0, 1).contiguous()  # (3,H,W) uint8
+        path = folder / f"{index:06d}.jpg"
+        path.write_bytes(encode_jpeg(pixels, quality=90).numpy().tobytes())
+        path.with_suffix(".txt").write_text(item["caption"], encoding="utf-8")
+        paths.append(path)
+    return paths
