@@ -184,6 +184,7 @@ class Trainer:
         )
         for name, module in [*model.named_children(), *model.objectives.named_children()]:
             plugins.register_component(module, f"component:{name}")
+        plugins.register_component(self.data, "component:data")  # e.g. logs data/skipped_* counters
 
     @property
     def model(self) -> VLModel:
@@ -197,6 +198,7 @@ class Trainer:
 
     def save(self) -> str | None:
         rng = dist.all_gather_object(rng_state())  # every rank's RNG, restored per rank
+        data = dist.all_gather_object(self.stream.state_dict())  # sharded streams differ per rank
         if self.state.rank != 0:
             dist.barrier()
             return None
@@ -204,7 +206,7 @@ class Trainer:
             "version": 1,
             "run_id": getattr(self.run, "run_id", None),
             "progress": vars(self.progress).copy(),
-            "data": self.stream.state_dict(),
+            "data": data,
             "model": self.model.state_dict(),
             "optimizer": self.state.optimizer.state_dict(),
             "scheduler": self.state.scheduler.state_dict(),
@@ -226,8 +228,10 @@ class Trainer:
         self.state.scheduler.load_state_dict(checkpoint["scheduler"])
         for key, value in checkpoint["progress"].items():
             setattr(self.progress, key, value)
-        self.stream.load_state_dict(checkpoint["data"])
-        if checkpoint["world_size"] == self.state.world_size:
+        same_world = checkpoint["world_size"] == self.state.world_size
+        # Another world size: rank 0's data position (a sharded stream then restarts its epoch).
+        self.stream.load_state_dict(checkpoint["data"][self.state.rank if same_world else 0])
+        if same_world:
             set_rng_state(checkpoint["rng"][self.state.rank])
         self.plugins.call("vlforge_load_checkpoint", state=self.state, checkpoint=checkpoint)
 
