@@ -182,8 +182,10 @@ class Trainer:
         self.state = TrainState(
             recipe, model, optimizer, scheduler, progress, run_dir, dist.rank(), world, self.device
         )
-        for name, module in [*model.named_children(), *model.objectives.named_children()]:
-            plugins.register_component(module, f"component:{name}")
+        # Any module with @hookimpl methods receives loop events, however deeply it is nested
+        # (an objective wrapping another keeps the inner one's temperature clamp, say).
+        for name, module in model.named_modules():
+            plugins.register_component(module, f"component:{name or 'model'}")
         plugins.register_component(self.data, "component:data")  # e.g. logs data/skipped_* counters
 
     @property

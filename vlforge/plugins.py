@@ -16,6 +16,7 @@ inside their factories, so that ``vlforge --help``/``validate`` stay fast.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -125,8 +126,14 @@ class Plugins:
 
 
 def _has_hookimpls(obj: object) -> bool:
+    return _type_has_hookimpls(type(obj))
+
+
+@functools.cache
+def _type_has_hookimpls(cls: type) -> bool:
+    """Cached per class: the engine asks this of every module of a large model."""
     marker = f"{hookspecs.PROJECT}_impl"
-    return any(hasattr(getattr(type(obj), attr, None), marker) for attr in dir(type(obj)))
+    return any(hasattr(getattr(cls, attr, None), marker) for attr in dir(cls))
 
 
 def autoload_enabled() -> bool:
