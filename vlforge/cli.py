@@ -134,9 +134,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f'launch.launcher="{args.launcher}"'] if args.launcher else [])
     args.overrides = overrides
     recipe, plugins = _load(args)
-    if args.dry_run:
-        return dry_run(recipe, plugins)
+    if recipe.sweep and (recipe.sweep.grid or recipe.sweep.points):
+        raise UserError(f"{args.recipe} defines a [sweep]: submit it with `vlforge sweep {args.recipe}`")
     root = resolve_root(args.runs_root)
+    plan = None
+    if recipe.launch.launcher == "slurm":
+        from vlforge.launch.slurm import ensure_fits, plan_launch
+
+        plan = plan_launch(recipe, args.recipe, root)  # refuses what cannot run, before building anything
+        ensure_fits(plan, args.recipe)  # against the cluster, when sinfo answers
+    if args.dry_run:
+        return dry_run(recipe, plugins, plan)
     from vlforge.launch.worker import EXIT_CODES, RunJob
 
     if args.resume:
@@ -161,14 +169,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             new_run_id(),
             extra_plugins=tuple(args.plugin),
         )
-    if recipe.launch.launcher != "local":
-        raise UserError(
-            f"launcher '{recipe.launch.launcher}' is not available yet; use launch.launcher=\"local\""
-        )
+    if plan is not None:
+        from vlforge.launch.slurm import PlannedRun, print_submissions, submit
+
+        print_submissions(submit(plan, [PlannedRun(job, recipe)], root), plan)
+        return 0
     from vlforge.launch.local import launch_local
 
     print(f"vlforge: run {job.run_id} -> {job.run_dir}")
-    status = launch_local(job, recipe.launch.nproc * recipe.launch.nodes)
+    status = launch_local(job, recipe.launch.processes_per_node * recipe.launch.nodes)
     _print_run_summary(root, job.run_id, status)
     return EXIT_CODES.get(status, 1)
 
@@ -212,12 +221,12 @@ def _print_run_summary(root: str, run_id: str, status: str) -> None:
         print(f"vlforge: could not read the index ({exc})")
 
 
-def dry_run(recipe, plugins) -> int:
+def dry_run(recipe, plugins, slurm_plan=None) -> int:
     """Build the model on the meta device and print sizes and the launch plan."""
     from vlforge.components import BuildContext
     from vlforge.model import build_model, parameter_counts
 
-    world = recipe.launch.nproc * recipe.launch.nodes
+    world = slurm_plan.world_size if slurm_plan else recipe.launch.processes_per_node * recipe.launch.nodes
     ctx = BuildContext(recipe, world_size=world, device="meta", meta=True)
     model = build_model(recipe, plugins, ctx)
     counts = parameter_counts(model)
@@ -228,12 +237,16 @@ def dry_run(recipe, plugins) -> int:
         print(f"  {part:<12} {n / 1e6:10.2f}M parameters ({t / 1e6:.2f}M trainable)")
     print(f"  {'total':<12} {total / 1e6:10.2f}M parameters ({trainable / 1e6:.2f}M trainable)")
     train = recipe.train
-    print(f"world size {world} ({recipe.launch.nodes} node(s) × {recipe.launch.nproc} process(es))")
+    print(f"steps {train.steps} ({train.steps * train.batch_size:,} samples), precision {train.precision}")
+    if slurm_plan is not None:
+        from vlforge.launch.slurm import print_dry_run
+
+        return print_dry_run(slurm_plan, recipe)
+    print(f"world size {world} ({recipe.launch.nodes} node(s) × {world // recipe.launch.nodes} process(es))")
     print(
         f"global batch {train.batch_size} = {world} ranks × {train.accum_steps} accumulation × "
         f"{train.batch_size // (world * train.accum_steps)} per rank"
     )
-    print(f"steps {train.steps} ({train.steps * train.batch_size:,} samples), precision {train.precision}")
     print(f"launcher {recipe.launch.launcher}: would start {world} process(es); nothing was submitted")
     return 0
 

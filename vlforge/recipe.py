@@ -124,8 +124,35 @@ class TrainSection(Section):
 
 class LaunchSection(Section):
     launcher: Literal["local", "slurm"] = "local"
-    nproc: int = Field(1, gt=0)  # processes per node
+    # Processes per node. Unset: 1 locally; on Slurm one per GPU of the profile's nodes
+    # (1 on CPU-only profiles).
+    nproc: int | None = Field(None, gt=0)
     nodes: int = Field(1, gt=0)
+    # Slurm only (docs/slurm.md): a cluster profile (name under slurm/profiles/, or a path),
+    # a time limit overriding the profile's ("HH:MM:SS", "D-HH:MM:SS" or minutes), and how
+    # often a preempted or timed-out run may requeue itself before it stays `preempted`.
+    profile: str | None = None
+    time_limit: str | int | None = None
+    max_requeues: int = Field(3, ge=0)
+
+    @property
+    def processes_per_node(self) -> int:
+        """``nproc``, or 1 where no launcher decided otherwise."""
+        return self.nproc or 1
+
+
+class SweepSection(Section):
+    """Runs that `vlforge sweep` submits as one Slurm job array (docs/slurm.md).
+
+    ``grid``: recipe key -> list of values, one run per combination. ``points``: one table of
+    recipe keys per run. In each run's own recipe, vlforge replaces the definition with the
+    run's ``index`` in the array and its ``overrides``, so the index records what varied.
+    """
+
+    grid: dict[str, Any] = Field(default_factory=dict)
+    points: list[dict[str, Any]] = Field(default_factory=list)
+    index: int | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
 
 class Recipe(Section):
@@ -144,6 +171,7 @@ class Recipe(Section):
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     train: TrainSection
     launch: LaunchSection = Field(default_factory=LaunchSection)
+    sweep: SweepSection | None = None
 
     def component_tables(self) -> list[tuple[str, str, ComponentTable]]:
         """(dotted key, kind, table) for every component the recipe names."""
@@ -407,7 +435,7 @@ def check_consistency(recipe: Recipe, raw: RawRecipe) -> list[Problem]:
     problems = []
     if not recipe.objectives:
         problems.append(Problem("objectives", "at least one objective is required", raw.path))
-    micro = recipe.train.accum_steps * recipe.launch.nproc * recipe.launch.nodes
+    micro = recipe.train.accum_steps * recipe.launch.processes_per_node * recipe.launch.nodes
     if recipe.train.batch_size % micro:
         problems.append(
             Problem(

@@ -75,9 +75,14 @@ def run_job(job: RunJob) -> str:
 
 
 def _open_run(job: RunJob, recipe):
+    import fsspec
+
     from vlforge.results.rundir import RunWriter
 
-    if job.resume:
+    # A requeued Slurm job resumes, but its first attempt may have died before the run
+    # directory had a status: then this attempt is the run's first.
+    fs, path = fsspec.core.url_to_fs(job.run_dir)
+    if job.resume and fs.exists(f"{path}/status.json"):
         return RunWriter.open(job.run_dir, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     return RunWriter.create(
         job.root,
