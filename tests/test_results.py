@@ -30,7 +30,7 @@ from vlforge.results import (
     resolve_root,
     write_parquet,
 )
-from vlforge.results.index import flatten_config, index_lock
+from vlforge.results.index import _overlapping, flatten_config, index_lock
 
 CONFIG = {"optim": {"lr": 3e-4}, "masking": {"type": "flip.random", "ratio": 0.5}, "tags": ["a", "b"]}
 
@@ -85,6 +85,36 @@ def test_run_directory_layout(tmp_path: Path) -> None:
     assert set(lines[0]) == {"step", "name", "value", "time"}
     assert len(list((d / "evals").iterdir())) == 1
     assert not list(d.rglob("*.tmp"))
+
+
+def test_a_chunk_holds_each_key_once_and_names_its_steps(tmp_path: Path) -> None:
+    run = RunWriter.create(str(tmp_path), "exp", recipe_name="t", recipe_toml="", config={})
+    run.log_metrics(7, {"loss": 1.0})
+    run.log_metrics(3, {"loss": 2.0})
+    run.log_metrics(7, {"loss": 3.0})  # logged again before the flush: the last one counts
+    run.close()
+    (chunk,) = (Path(run.run_dir) / "metrics").iterdir()
+    assert re.fullmatch(r"000000000003-000000000007-[0-9a-f]{8}\.jsonl", chunk.name)
+    assert [(r["step"], r["value"]) for r in map(json.loads, chunk.read_text().splitlines())] == [
+        (7, 3.0),
+        (3, 2.0),
+    ]
+
+
+def test_only_overlapping_chunks_are_deduplicated() -> None:
+    def chunk(run: str, first: int | None, last: int | None) -> dict:
+        return {"path": f"{run}/{first}-{last}", "run_id": run, "first_step": first, "last_step": last}
+
+    known = [chunk("a", 0, 99), chunk("b", 0, 9)]
+    new = [
+        chunk("a", 100, 199),
+        chunk("a", 150, 160),
+        chunk("b", 10, 19),
+        chunk("c", 0, 5),
+        chunk("d", None, None),
+    ]
+    assert _overlapping(new, known) == {"a/100-199", "a/150-160", "d/None-None"}
+    assert _overlapping([chunk("b", 5, 12)], known) == {"b/5-12"}
 
 
 def test_status_is_replaced_atomically(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ Two indexers are kept apart by a lock file next to the index.
 
 Ingestion is incremental and idempotent: chunk files are immutable, so the index records which
 chunks it has read (``ingested_files``) and reads only new ones; ``rebuild=True`` starts from
-nothing and must give the same tables. Small per-run files (``status.json``) are reread each time.
+nothing and must give the same tables. A run's ``status.json`` and ``env.json`` are reread only
+when the listing shows that ``status.json`` changed (size or modification time).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ from vlforge.results.rundir import TMP_SUFFIX, to_url, url_join
 INDEX_NAME = "index.duckdb"
 LOCK_SUFFIX = ".lock"
 STALE_AFTER_S = 600.0
-SCHEMA_VERSION = 1  # bump when a table changes: an index of another version is rebuilt
+SCHEMA_VERSION = 2  # bump when a table changes: an index of another version is rebuilt
 CHUNK_KINDS = ("metrics", "evals")
 _STEP_IN_NAME = re.compile(r"step[_-]?(\d+)")
+_CHUNK_NAME = re.compile(r"(\d+)-(\d+)-[0-9a-f]+\.jsonl")  # <first step>-<last step>-<uuid8>.jsonl
 
 _CHUNK_COLUMNS = {
     "metrics": {"step": "BIGINT", "name": "VARCHAR", "value": "DOUBLE", "time": "DOUBLE"},
@@ -60,7 +62,10 @@ _ROW_KEYS = {
     "metrics": ("run_id", "step", "name"),
     "evals": ("run_id", "step", "evaluator", "dataset", "metric"),
 }
-_ROW_SORT = {"metrics": "run_id, name, step", "evals": "run_id, evaluator, dataset, metric, step"}
+# Metrics sort by name first: most questions are about one metric across runs, and DuckDB's zone
+# maps then skip the other metrics' row groups (run ids share their first 8 bytes, the length of
+# DuckDB's string min/max statistics, so sorting by run first would prune nothing).
+_ROW_SORT = {"metrics": "name, run_id, step", "evals": "run_id, evaluator, dataset, metric, step"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS metrics (
@@ -68,8 +73,15 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE TABLE IF NOT EXISTS evals (
     run_id VARCHAR, step BIGINT, evaluator VARCHAR, dataset VARCHAR, metric VARCHAR, value DOUBLE,
     time TIMESTAMP);
+CREATE TABLE IF NOT EXISTS metrics_last (
+    run_id VARCHAR, name VARCHAR, step BIGINT, value DOUBLE, time TIMESTAMP);
+CREATE TABLE IF NOT EXISTS configs (
+    run_id VARCHAR, key VARCHAR, value VARCHAR, value_num DOUBLE, value_type VARCHAR, value_json VARCHAR);
 CREATE TABLE IF NOT EXISTS ingested_files (
-    path VARCHAR, kind VARCHAR, run_id VARCHAR, size_bytes BIGINT, ingested_at TIMESTAMP);
+    path VARCHAR, kind VARCHAR, run_id VARCHAR, size_bytes BIGINT, first_step BIGINT, last_step BIGINT,
+    ingested_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS run_files (
+    run_dir VARCHAR, status_stamp VARCHAR, status VARCHAR, env VARCHAR, config VARCHAR);
 """
 
 _RUNS_SCHEMA = pa.schema(
@@ -103,6 +115,15 @@ _CONFIGS_SCHEMA = pa.schema(
         ("value_num", pa.float64()),
         ("value_type", pa.string()),
         ("value_json", pa.string()),
+    ]
+)
+_RUN_FILES_SCHEMA = pa.schema(
+    [
+        ("run_dir", pa.string()),
+        ("status_stamp", pa.string()),
+        ("status", pa.string()),
+        ("env", pa.string()),
+        ("config", pa.string()),
     ]
 )
 _ARTIFACTS_SCHEMA = pa.schema(
@@ -163,6 +184,7 @@ class RunFiles:
     """The files of one run directory found by :func:`scan`."""
 
     path: str
+    status_stamp: str | None = None  # size and modification time of status.json, if the store says
     chunks: dict[str, dict[str, int]] = field(default_factory=lambda: {k: {} for k in CHUNK_KINDS})
     checkpoints: dict[str, int] = field(default_factory=dict)  # top-level name -> total bytes
 
@@ -172,11 +194,11 @@ def scan(fs: fsspec.AbstractFileSystem, root_path: str) -> dict[str, RunFiles]:
     runs: dict[str, RunFiles] = {}
     found = fs.find(root_path, detail=True)
     root_parts = len(PurePosixPath(root_path).parts)
-    for path in found:
+    for path, info in found.items():
         parts = PurePosixPath(path).parts[root_parts:]
         if len(parts) == 3 and parts[2] == "status.json":
             run_dir = path.rsplit("/", 1)[0]
-            runs[run_dir] = RunFiles(run_dir)
+            runs[run_dir] = RunFiles(run_dir, _stamp(info))
     for path, info in found.items():
         parts = PurePosixPath(path).parts[root_parts:]
         if len(parts) < 4 or path.endswith(TMP_SUFFIX):
@@ -192,6 +214,17 @@ def scan(fs: fsspec.AbstractFileSystem, root_path: str) -> dict[str, RunFiles]:
     return runs
 
 
+def _stamp(info: dict[str, Any]) -> str | None:
+    """What changes when a file is replaced; None where the store reports no time (reread always).
+
+    The inode is part of it locally: every write is a new file, and two writes within one tick of
+    the filesystem clock can leave the same size and time.
+    """
+    keys = ("mtime", "LastModified", "last_modified", "updated", "created")
+    when = next((info[k] for k in keys if k in info), None)
+    return None if when is None else f"{info.get('size')}@{when}#{info.get('ino', '')}"
+
+
 # -- updating the tables ----------------------------------------------------------------------
 
 
@@ -203,22 +236,19 @@ def _update(
 ) -> None:
     _drop_other_versions(con)
     con.execute(_SCHEMA)
-    known_configs = _known_configs(con)
-    run_rows = _run_rows(fs, runs, known_configs, stale_after)
+    docs = _run_docs(con, fs, runs)
+    run_rows = _run_rows(fs, docs, stale_after)
     by_dir = {row["run_dir_path"]: row["run_id"] for row in run_rows}
     _replace_table(
         con, "runs", run_rows, _RUNS_SCHEMA, "start_time, run_id", "* REPLACE (config::JSON AS config)"
     )
-    _replace_table(con, "configs", _config_rows(run_rows), _CONFIGS_SCHEMA, "run_id, key")
     _replace_table(con, "artifacts", _artifact_rows(fs, runs, by_dir), _ARTIFACTS_SCHEMA, "run_id, step")
     _forget_removed_runs(con)
+    _add_configs(con, run_rows)
+    changed = set()
     for kind in CHUNK_KINDS:
-        _ingest_chunks(con, fs, kind, runs, by_dir)
-    con.execute(
-        """CREATE OR REPLACE TABLE metrics_last AS
-        SELECT run_id, name, max(step) AS step, arg_max(value, step) AS value, arg_max(time, step) AS time
-        FROM metrics GROUP BY run_id, name ORDER BY run_id, name"""
-    )
+        changed |= _ingest_chunks(con, fs, kind, runs, by_dir)
+    _refresh_metrics_last(con, changed)
 
 
 def _drop_other_versions(con: duckdb.DuckDBPyConnection) -> None:
@@ -230,26 +260,57 @@ def _drop_other_versions(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"DROP TABLE {name}")
 
 
-def _known_configs(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-    """Config JSON of runs already indexed: config.json never changes, so it is read once."""
-    if not _scalar(con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'runs'"):
-        return {}
-    return dict(con.execute("SELECT run_id, config::VARCHAR FROM runs").fetchall())
+def _run_docs(
+    con: duckdb.DuckDBPyConnection, fs: fsspec.AbstractFileSystem, runs: dict[str, RunFiles]
+) -> dict[str, dict[str, Any]]:
+    """status, env and config of every run, cached in ``run_files``: read from the run directory
+    only where status.json changed since the last indexing (config.json never changes)."""
+    cached = {
+        run_dir: {"stamp": stamp, "status": json.loads(status), "env": json.loads(env), "config": config}
+        for run_dir, stamp, status, env, config in con.execute("SELECT * FROM run_files").fetchall()
+    }
+    changed = [
+        d
+        for d, run in runs.items()
+        if run.status_stamp is None or cached.get(d, {}).get("stamp") != run.status_stamp
+    ]
+    wanted = [
+        (d, n)
+        for d in changed
+        for n in ("status.json", "env.json", "config.json")
+        if not (n == "config.json" and d in cached)
+    ]
+    read = _cat_json(fs, [url_join(d, n) for d, n in wanted])
+    docs = {d: cached[d] for d in runs if d in cached}
+    for d in changed:
+        status = read.get(url_join(d, "status.json"))
+        if status is None:  # unreadable now: leave the run out until it is
+            docs.pop(d, None)
+            continue
+        config = cached[d]["config"] if d in cached else json.dumps(read.get(url_join(d, "config.json"), {}))
+        env = read.get(url_join(d, "env.json"), {})
+        docs[d] = {"stamp": runs[d].status_stamp, "status": status, "env": env, "config": config}
+    rows = [
+        {
+            "run_dir": d,
+            "status_stamp": doc["stamp"],
+            "status": json.dumps(doc["status"]),
+            "env": json.dumps(doc["env"]),
+            "config": doc["config"],
+        }
+        for d, doc in docs.items()
+    ]
+    _replace_table(con, "run_files", rows, _RUN_FILES_SCHEMA, "run_dir")
+    return docs
 
 
 def _run_rows(
-    fs: fsspec.AbstractFileSystem,
-    runs: dict[str, RunFiles],
-    known_configs: dict[str, str],
-    stale_after: float,
+    fs: fsspec.AbstractFileSystem, docs: dict[str, dict[str, Any]], stale_after: float
 ) -> list[dict[str, Any]]:
-    docs = _cat_json(fs, [url_join(d, name) for d in runs for name in ("status.json", "env.json")])
     rows, seen = [], {}
-    for run_dir in sorted(runs):
-        status = docs.get(url_join(run_dir, "status.json"))
-        if status is None:
-            continue
-        run_id = status["run_id"]
+    for run_dir in sorted(docs):
+        doc = docs[run_dir]
+        run_id = doc["status"]["run_id"]
         if run_id in seen:
             warnings.warn(
                 f"run id {run_id} is in both {seen[run_id]} and {run_dir}; indexing the first only",
@@ -257,12 +318,7 @@ def _run_rows(
             )
             continue
         seen[run_id] = run_dir
-        env = docs.get(url_join(run_dir, "env.json"), {})
-        rows.append(_run_row(fs, run_dir, status, env, stale_after) | {"config": known_configs.get(run_id)})
-    missing = [r for r in rows if r["config"] is None]
-    configs = _cat_json(fs, [url_join(r["run_dir_path"], "config.json") for r in missing])
-    for row in missing:
-        row["config"] = json.dumps(configs.get(url_join(row["run_dir_path"], "config.json"), {}))
+        rows.append(_run_row(fs, run_dir, doc["status"], doc["env"], stale_after) | {"config": doc["config"]})
     return rows
 
 
@@ -299,12 +355,20 @@ def _run_row(
     }
 
 
-def _config_rows(run_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
+def _add_configs(con: duckdb.DuckDBPyConnection, run_rows: list[dict[str, Any]]) -> None:
+    """Flattened configs of runs new to the index (and none of runs no longer there)."""
+    con.execute("DELETE FROM configs WHERE run_id NOT IN (SELECT run_id FROM runs)")
+    known = {r for (r,) in con.execute("SELECT DISTINCT run_id FROM configs").fetchall()}
+    rows = [
         {"run_id": row["run_id"], **leaf}
         for row in run_rows
+        if row["run_id"] not in known
         for leaf in flatten_config(json.loads(row["config"]))
     ]
+    if rows:
+        con.register("_rows", pa.Table.from_pylist(rows, schema=_CONFIGS_SCHEMA))
+        con.execute("INSERT INTO configs SELECT * FROM _rows ORDER BY run_id, key")
+        con.unregister("_rows")
 
 
 def flatten_config(config: dict[str, Any], prefix: str = "") -> Iterator[dict[str, Any]]:
@@ -366,7 +430,7 @@ def _forget_removed_runs(con: duckdb.DuckDBPyConnection) -> None:
     gone = "run_id NOT IN (SELECT run_id FROM runs)"
     if not _scalar(con, f"SELECT count(*) FROM ingested_files WHERE {gone}"):
         return
-    for table in (*CHUNK_KINDS, "ingested_files"):
+    for table in (*CHUNK_KINDS, "metrics_last", "ingested_files"):
         con.execute(f"DELETE FROM {table} WHERE {gone}")
 
 
@@ -376,42 +440,111 @@ def _ingest_chunks(
     kind: str,
     runs: dict[str, RunFiles],
     by_dir: dict[str, str],
-) -> None:
-    """Bulk-load the chunk files of ``kind`` not ingested yet; the latest row per key wins."""
-    known = {p for (p,) in con.execute("SELECT path FROM ingested_files WHERE kind = ?", [kind]).fetchall()}
+) -> set[str]:
+    """Bulk-load the chunk files of ``kind`` not ingested yet; returns the runs that got rows.
+
+    A chunk holds each key once (the writer sees to it) and its name says its step range, so a
+    chunk whose range meets no other chunk of its run is inserted as it is. The others (a requeued
+    run logging steps again) go through deduplication, where the row with the latest time wins.
+    """
+    known = con.execute(
+        "SELECT path, run_id, first_step, last_step FROM ingested_files WHERE kind = ?", [kind]
+    ).fetchall()
+    known_paths = {path for path, *_ in known}
     new = [
         {"path": to_url(fs, path), "kind": kind, "run_id": by_dir[run_dir], "size_bytes": size}
+        | _step_range(path)
         for run_dir, run in runs.items()
         if run_dir in by_dir
         for path, size in run.chunks[kind].items()
-        if to_url(fs, path) not in known
+        if to_url(fs, path) not in known_paths
     ]
     if not new:
-        return
+        return set()
+    overlapping = _overlapping(
+        new, [{"path": p, "run_id": r, "first_step": f, "last_step": la} for p, r, f, la in known]
+    )
+    for files, dedup in (
+        ([f for f in new if f["path"] not in overlapping], False),
+        ([f for f in new if f["path"] in overlapping], True),
+    ):
+        if files:
+            _load(con, kind, files, dedup)
     con.register("_files", pa.Table.from_pylist(new))
-    keys = _ROW_KEYS[kind]
+    con.execute(
+        "INSERT INTO ingested_files SELECT path, kind, run_id, size_bytes, first_step, last_step, "
+        "now()::TIMESTAMP FROM _files"
+    )
+    con.unregister("_files")
+    return {f["run_id"] for f in new}
+
+
+def _step_range(path: str) -> dict[str, int | None]:
+    match = _CHUNK_NAME.fullmatch(path.rsplit("/", 1)[-1])
+    first, last = (int(match.group(1)), int(match.group(2))) if match else (None, None)
+    return {"first_step": first, "last_step": last}
+
+
+def _overlapping(new: list[dict[str, Any]], known: list[dict[str, Any]]) -> set[str]:
+    """Paths of new chunks whose step range meets another chunk's of the same run (or is unknown)."""
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for chunk in [*known, *new]:
+        by_run.setdefault(chunk["run_id"], []).append(chunk)
+    out = {c["path"] for c in new if c["first_step"] is None}
+    for chunks in by_run.values():
+        ranged = sorted((c for c in chunks if c["first_step"] is not None), key=lambda c: c["first_step"])
+        if len(ranged) < len(chunks):  # a chunk of unknown range may hold any step
+            out |= {c["path"] for c in chunks}
+            continue
+        reach = -1  # the highest last step of the chunks before this one
+        for i, chunk in enumerate(ranged):
+            after = ranged[i + 1]["first_step"] if i + 1 < len(ranged) else None
+            if chunk["first_step"] <= reach or (after is not None and after <= chunk["last_step"]):
+                out.add(chunk["path"])
+            reach = max(reach, chunk["last_step"])
+    return out & {c["path"] for c in new}
+
+
+def _load(con: duckdb.DuckDBPyConnection, kind: str, files: list[dict[str, Any]], dedup: bool) -> None:
+    con.register("_files", pa.Table.from_pylist(files))
     columns = _CHUNK_COLUMNS[kind]
     struct = "{" + ", ".join(f"{c}: '{t}'" for c, t in columns.items()) + "}"
     select = ", ".join(f"r.{c}" for c in columns if c != "time")
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _new AS
-        SELECT * FROM (
-            SELECT f.run_id, {select}, make_timestamp(CAST(round(r.time * 1e6) AS BIGINT)) AS time
-            FROM read_json(?, format = 'newline_delimited', columns = {struct}, filename = true) r
-            JOIN _files f ON r.filename = f.path)
-        QUALIFY row_number() OVER (PARTITION BY {", ".join(keys)} ORDER BY time DESC) = 1""",
-        [[f["path"] for f in new]],
-    )
-    match = " AND ".join(f"t.{k} = n.{k}" for k in keys)
-    # Rows logged again after a requeue replace the earlier ones (newer wall time wins).
-    con.execute(f"DELETE FROM {kind} t USING _new n WHERE {match} AND t.time <= n.time")
-    con.execute(
-        f"""INSERT INTO {kind} SELECT * FROM _new n
-        WHERE NOT EXISTS (SELECT 1 FROM {kind} t WHERE {match}) ORDER BY {_ROW_SORT[kind]}"""
-    )
-    con.execute("INSERT INTO ingested_files SELECT *, now()::TIMESTAMP FROM _files")
-    con.execute("DROP TABLE _new")
+    rows = f"""SELECT f.run_id, {select}, make_timestamp(CAST(round(r.time * 1e6) AS BIGINT)) AS time
+        FROM read_json(?, format = 'newline_delimited', columns = {struct}, filename = true) r
+        JOIN _files f ON r.filename = f.path"""
+    paths = [[f["path"] for f in files]]
+    if not dedup:
+        con.execute(f"INSERT INTO {kind} SELECT * FROM ({rows}) ORDER BY {_ROW_SORT[kind]}", paths)
+    else:
+        keys = _ROW_KEYS[kind]
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _new AS SELECT * FROM ({rows})
+            QUALIFY row_number() OVER (PARTITION BY {", ".join(keys)} ORDER BY time DESC) = 1""",
+            paths,
+        )
+        match = " AND ".join(f"t.{k} = n.{k}" for k in keys)
+        con.execute(f"DELETE FROM {kind} t USING _new n WHERE {match} AND t.time <= n.time")
+        con.execute(
+            f"""INSERT INTO {kind} SELECT * FROM _new n
+            WHERE NOT EXISTS (SELECT 1 FROM {kind} t WHERE {match}) ORDER BY {_ROW_SORT[kind]}"""
+        )
+        con.execute("DROP TABLE _new")
     con.unregister("_files")
+
+
+def _refresh_metrics_last(con: duckdb.DuckDBPyConnection, run_ids: set[str]) -> None:
+    """Recompute the final value of each metric for the runs that got new rows."""
+    if not run_ids:
+        return
+    con.register("_changed", pa.table({"run_id": sorted(run_ids)}))
+    con.execute("DELETE FROM metrics_last WHERE run_id IN (SELECT run_id FROM _changed)")
+    con.execute(
+        """INSERT INTO metrics_last
+        SELECT run_id, name, max(step), arg_max(value, step), arg_max(time, step) FROM metrics
+        WHERE run_id IN (SELECT run_id FROM _changed) GROUP BY run_id, name ORDER BY run_id, name"""
+    )
+    con.unregister("_changed")
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str) -> Any:

@@ -6,7 +6,8 @@ Layout of ``<root>/<experiment>/<run_id>/`` (see docs/results.md)::
     config.json        the resolved recipe, as nested JSON
     env.json           git commit, package versions, hosts, Slurm variables, command line (latest attempt)
     status.json        status, heartbeat, last step, attempts; rewritten atomically
-    metrics/*.jsonl    {"step", "name", "value", "time"} rows, one immutable chunk per flush
+    metrics/*.jsonl    {"step", "name", "value", "time"} rows, one immutable chunk per flush, named
+                       <first step>-<last step>-<uuid8>.jsonl
     evals/*.jsonl      {"step", "evaluator", "dataset", "metric", "value", "time"} rows, likewise
     checkpoints/       written by the engine (``step_00000100.pt``); only listed here
 
@@ -305,9 +306,13 @@ class RunWriter:
     def _write_chunk(self, kind: str, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        # First step first, so chunks list in step order; the uuid keeps names unique when a
-        # requeued run logs the same steps again.
-        name = f"{rows[0]['step']:012d}-{uuid.uuid4().hex[:8]}.jsonl"
+        # One row per key (the last logged), and the step range in the name: the indexer can then
+        # insert a chunk whose range meets no other chunk of the run without deduplicating it. The
+        # uuid keeps names unique when a requeued run logs the same steps again.
+        key = [k for k in rows[0] if k not in ("value", "time")]
+        rows = list({tuple(row[k] for k in key): row for row in rows}.values())
+        steps = [row["step"] for row in rows]
+        name = f"{min(steps):012d}-{max(steps):012d}-{uuid.uuid4().hex[:8]}.jsonl"
         data = "".join(json.dumps(row) + "\n" for row in rows).encode()
         self._fs.makedirs(url_join(self._path, kind), exist_ok=True)
         self._write(f"{kind}/{name}", data)
