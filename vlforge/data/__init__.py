@@ -54,10 +54,10 @@ class ImageConfig(ComponentConfig):
     """
 
     size: int | None = Field(None, ge=8, description="side in pixels; default: the encoder's input size")
-    crop_scale: tuple[float, float] | None = Field(
-        (0.9, 1.0),
-        description="RandomResizedCrop area range; null: resize + centre crop as at eval (no crop jitter)",
+    crop: Literal["random", "center"] = Field(
+        "random", description="random: RandomResizedCrop; center: resize + centre crop, as at eval"
     )
+    crop_scale: tuple[float, float] = Field((0.9, 1.0), description="RandomResizedCrop area range")
     crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect range")
     hflip: float = Field(0.0, ge=0.0, le=1.0, description="probability of a horizontal flip")
     randaugment_ops: int = Field(0, ge=0, description="RandAugment N (ops per image); 0: off")
@@ -70,7 +70,7 @@ class ImageConfig(ComponentConfig):
     def _ordered(self) -> ImageConfig:
         for name in ("crop_scale", "crop_ratio"):
             low_high = getattr(self, name)
-            if low_high is not None and not 0 < low_high[0] <= low_high[1]:
+            if not 0 < low_high[0] <= low_high[1]:
                 raise ValueError(f"{name} must be [low, high] with 0 < low <= high (got {list(low_high)})")
         return self
 

@@ -8,10 +8,11 @@ One document per line, in MMC4's fields::
 
 An image is read from ``image_base64`` when present (as in OpenFlamingo's
 MMC4 shards), else from ``image_root``/``image_name``. Image ``j`` belongs
-right before sentence ``matched_text_index``. Images under
-``min_similarity`` are dropped, at most ``max_images`` are kept (document
-order), images that cannot be read or decoded are dropped and counted
-(``data/images_dropped``); a document left without images is skipped.
+right before sentence ``matched_text_index``. Images whose ``matched_sim``
+is under ``min_similarity`` are dropped (those without one are kept); at
+most ``max_images`` are kept, in document order; images that cannot be read
+or decoded are dropped and counted (``data/images_dropped``); a document
+left without images is skipped.
 
 This module only parses: each example is an ``InterleavedDocument`` (images
 already through the encoder's pipeline). Turning documents into token
@@ -173,7 +174,7 @@ class InterleavedSource(StreamingSource):
             if isinstance(info, dict)
             and isinstance(info.get("matched_text_index"), int)
             and 0 <= info["matched_text_index"] < sentences
-            and (threshold is None or info.get("matched_sim", 0.0) >= threshold)
+            and (threshold is None or info.get("matched_sim", threshold) >= threshold)  # none given: kept
         ]
         return sorted(infos, key=lambda info: info["matched_text_index"])
 

@@ -197,8 +197,7 @@ def write_shapes_folder(
 
     A dataset in the on-disk form ``pack`` reads, for demos, tests and benchmarks.
     """
-    import torch
-    from torchvision.io import encode_jpeg
+    from PIL import Image
 
     from vlforge.data.synthetic import ShapesDataset
 
@@ -208,9 +207,8 @@ def write_shapes_folder(
     paths = []
     for index in range(count):
         item = shapes[index]
-        pixels = torch.from_numpy(item["image"]).permute(2, 0, 1).contiguous()  # (3,H,W) uint8
         path = folder / f"{index:06d}.jpg"
-        path.write_bytes(encode_jpeg(pixels, quality=90).numpy().tobytes())
+        Image.fromarray(item["image"]).save(path, format="JPEG", quality=90)
         path.with_suffix(".txt").write_text(item["caption"], encoding="utf-8")
         paths.append(path)
     return paths

@@ -15,6 +15,7 @@ seed, the epoch and the sample's key, not on which worker decoded it.
 
 from __future__ import annotations
 
+import io
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 from torchvision.transforms import v2
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ MAGNITUDE_LEVELS = 10  # RandAugment magnitude M is on 0..10, as in the papers
 
 
 class UndecodableImage(ValueError):
-    """The bytes are not an image torchvision can decode."""
+    """The bytes are not an image Pillow can decode (or the image is truncated)."""
 
 
 class ColourFreeRandAugment(v2.RandAugment):
@@ -57,11 +58,16 @@ class ColourFreeRandAugment(v2.RandAugment):
 
 
 def decode(data: bytes) -> torch.Tensor:
-    """Encoded image (JPEG, PNG, WEBP, GIF) -> (3, H, W) uint8 RGB."""
+    """Encoded image (JPEG, PNG, WEBP, GIF, ...) -> (3, H, W) uint8 RGB.
+
+    Pillow, not torchvision.io: torchvision deprecated its decoders in 0.29.
+    """
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as exc:
-        raise UndecodableImage(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = np.array(image.convert("RGB"))  # (H, W, 3) uint8; convert() loads every byte
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UndecodableImage(f"{type(exc).__name__}: {exc}") from exc
+    return torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W) view
 
 
 class ImagePipeline:
@@ -71,7 +77,7 @@ class ImagePipeline:
         self.size = config.size or int(data_config["input_size"][-1])
         interpolation = v2.InterpolationMode(data_config.get("interpolation", "bicubic"))
         steps: list[Any]
-        if train and config.crop_scale is not None:
+        if train and config.crop == "random":
             steps = [
                 v2.RandomResizedCrop(
                     self.size,
@@ -93,7 +99,7 @@ class ImagePipeline:
                     num_ops=config.randaugment_ops,
                     magnitude=config.randaugment_magnitude,
                     num_magnitude_bins=MAGNITUDE_LEVELS + 1,
-                    interpolation=interpolation,
+                    interpolation=v2.InterpolationMode.BILINEAR,  # affine ops on tensors: no bicubic
                 )
             )
         steps += [
