@@ -1,0 +1,139 @@
+"""``flamingo.fewshot``: k-shot captioning and VQA on held-out generated shapes.
+
+Prompts follow OpenFlamingo's layout in the words of the generated data:
+k in-context examples, each ``<image>{text}<|endofchunk|>``, then the query
+image and its prefix; the answer is generated greedily with cached media
+until ``<|endofchunk|>`` or eos. Examples come from the train split (drawn
+per query from a seeded generator), queries from a held-out split. With
+k = 0 the prompt holds two text-only examples (no image), as in Flamingo.
+
+* caption: the example text is the canonical caption (the held-out
+  captions' template); reports CIDEr-D (×100, the paper's scale) and exact match.
+* vqa: ``question : what color is the shape ? answer : red``; reports
+  exact-match accuracy and chance (1 / number of answers).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vlforge_plugins.flamingo.data import QA_TEMPLATE, QUESTIONS, normalize_images, tokenize_padded
+from vlforge_plugins.flamingo.generate import greedy_generate
+from vlforge_plugins.flamingo.lm import END_OF_CHUNK, IMAGE_TOKEN
+from vlforge_plugins.flamingo.metrics import cider_d, normalize_answer
+
+from vlforge.data.synthetic import ATTRIBUTES, CAPTION_TEMPLATES, ShapesDataset
+from vlforge.eval.retrieval import eval_mode
+
+if TYPE_CHECKING:
+    from vlforge_plugins.flamingo import FewShotConfig
+
+    from vlforge.components import BuildContext
+
+SUPPORT_SIZE = 10_000  # train items the in-context examples are drawn from
+ZERO_SHOT_TEXT_EXAMPLES = 2
+MAX_PROMPT_TOKENS = 1024
+
+
+def canonical_caption(item: dict[str, Any]) -> str:
+    return CAPTION_TEMPLATES[0].format(**{name: ATTRIBUTES[name][i] for name, i in item["labels"].items()})
+
+
+class FewShotEvaluator:
+    """Greedy k-shot generation over ``num_queries`` held-out images for each k in ``shots``."""
+
+    def __init__(self, config: FewShotConfig) -> None:
+        self.config = config
+        self.max_new_tokens = config.max_new_tokens or (20 if config.task == "caption" else 5)
+
+    # ------------------------------------------------------------------ prompts
+
+    def answer(self, item: dict[str, Any]) -> str:
+        if self.config.task == "caption":
+            return canonical_caption(item)
+        attribute = self.config.attribute
+        return ATTRIBUTES[attribute][item["labels"][attribute]]
+
+    def prefix(self) -> str:
+        """What follows the query's ``<image>`` before the generated answer."""
+        if self.config.task == "caption":
+            return ""
+        return QA_TEMPLATE.format(question=QUESTIONS[self.config.attribute], answer="").rstrip()
+
+    def example(self, item: dict[str, Any], with_image: bool = True) -> str:
+        text = f"{self.prefix()} {self.answer(item)}".strip()
+        return f"{IMAGE_TOKEN if with_image else ''}{text}{END_OF_CHUNK}"
+
+    def prompt(self, query: dict[str, Any], examples: list[dict[str, Any]], shots: int) -> tuple[str, list]:
+        """(text, images) of one prompt: the examples' images, then the query's."""
+        with_images = shots > 0
+        text = "".join(self.example(item, with_images) for item in examples)
+        images = [item["image"] for item in examples] if with_images else []
+        return f"{text}{IMAGE_TOKEN}{self.prefix()}", [*images, query["image"]]
+
+    def examples_for(self, index: int, shots: int, support: ShapesDataset) -> list[dict[str, Any]]:
+        count = shots or ZERO_SHOT_TEXT_EXAMPLES
+        rng = np.random.default_rng([self.config.seed, index, shots])
+        return [support[int(i)] for i in rng.choice(len(support), size=count, replace=False)]
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model: Any, ctx: BuildContext) -> dict[str, float]:
+        data_config = model.vision.data_config
+        shapes = {
+            "seed": self.config.seed,
+            "image_size": int(data_config["input_size"][-1]),
+            "noise": self.config.background_noise,
+        }
+        support = ShapesDataset(split="train", length=SUPPORT_SIZE, **shapes)
+        queries = ShapesDataset(split=self.config.split, length=self.config.num_queries, **shapes)
+        mean = torch.tensor(data_config["mean"], dtype=torch.float32)
+        std = torch.tensor(data_config["std"], dtype=torch.float32)
+        metrics: dict[str, float] = {}
+        with eval_mode(model):
+            for shots in self.config.shots:
+                predictions, answers = [], []
+                for start in range(0, len(queries), self.config.batch_size):
+                    batch = [
+                        queries[i] for i in range(start, min(start + self.config.batch_size, len(queries)))
+                    ]
+                    prompts = [
+                        self.prompt(item, self.examples_for(start + j, shots, support), shots)
+                        for j, item in enumerate(batch)
+                    ]
+                    predictions += self.generate(model, prompts, mean, std, ctx.device)
+                    answers += [self.answer(item) for item in batch]
+                metrics |= self.score(shots, predictions, answers)
+        if self.config.task == "vqa":
+            metrics["chance"] = 1 / len(ATTRIBUTES[self.config.attribute])
+        return metrics
+
+    def generate(
+        self, model: Any, prompts: list[tuple[str, list]], mean: torch.Tensor, std: torch.Tensor, device: str
+    ) -> list[str]:
+        fusion = model.fusion
+        tokens = tokenize_padded(
+            fusion.tokenizer, [text for text, _ in prompts], MAX_PROMPT_TOKENS, side="left"
+        )
+        images = torch.stack([normalize_images(np.stack(images), mean, std) for _, images in prompts])
+        media = model.adapter.encode_images(model.vision, images.to(device))  # (B,T,n,d_v)
+        rows = greedy_generate(
+            fusion,
+            media,
+            tokens["input_ids"].to(device),
+            tokens["attention_mask"].to(device),
+            max_new_tokens=self.max_new_tokens,
+            stop_ids=[fusion.end_of_chunk_token_id, fusion.tokenizer.eos_token_id],
+        )
+        return [fusion.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+    def score(self, shots: int, predictions: list[str], answers: list[str]) -> dict[str, float]:
+        exact = float(
+            np.mean([normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers)])
+        )
+        if self.config.task == "vqa":
+            return {f"{shots}shot_accuracy": exact}
+        cider = 100 * cider_d([normalize_answer(p) for p in predictions], [[a] for a in answers])
+        return {f"{shots}shot_cider": cider, f"{shots}shot_exact_match": exact}
