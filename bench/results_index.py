@@ -110,14 +110,23 @@ def generate(root: str, runs: int, steps: int) -> float:
 
 
 def timed(fn, repeat: int = 5) -> float:
-    """Median seconds of ``repeat`` calls after one warm-up call."""
+    """Median wall seconds of ``repeat`` calls after one warm-up call."""
+    return timed_cpu(fn, repeat)[0]
+
+
+def timed_cpu(fn, repeat: int = 5) -> tuple[float, float]:
+    """Median wall and CPU seconds (all threads of this process) of ``repeat`` calls after a warm-up.
+
+    CPU time barely moves when other processes compete for the cores; wall time does.
+    """
     fn()
-    samples = []
+    walls, cpus = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def documented_queries() -> list[tuple[str, str]]:
@@ -158,9 +167,10 @@ def bench_vlforge(root: str, runs: int, steps: int, curve_run: str) -> dict[str,
     queries = [*documented_queries(), *equivalents(curve_run)["vlforge"].items()]
     out["queries"] = {}
     for title, sql in queries:
-        warm = timed(lambda sql=sql: con.execute(sql).fetchall())
+        warm, cpu = timed_cpu(lambda sql=sql: con.execute(sql).fetchall())
         cold = timed(lambda sql=sql: query(root, sql), repeat=3)  # connect + run + format
-        out["queries"][title] = {"warm_ms": warm * 1e3, "end_to_end_ms": cold * 1e3}
+        out["queries"][title] = {"warm_ms": warm * 1e3, "cpu_ms": cpu * 1e3, "end_to_end_ms": cold * 1e3}
+    out["load_average_after_queries"] = os.getloadavg()
     con.close()
     return out
 
@@ -275,7 +285,8 @@ def bench_mlflow(root: str, workdir: str, curve_run: str) -> dict[str, Any] | No
 
 
 def report(args: argparse.Namespace, gen_s: float | None, ours: dict, theirs: dict | None) -> dict[str, Any]:
-    print(f"\ncorpus: {args.runs} runs × {args.steps} steps × {len(METRICS)} metrics  ({args.dir})")
+    print(f"\nload average at start: {', '.join(f'{x:.1f}' for x in args.load_at_start)}")
+    print(f"corpus: {args.runs} runs × {args.steps} steps × {len(METRICS)} metrics  ({args.dir})")
     if gen_s is not None:
         print(f"  written by RunWriter in {gen_s:.1f} s")
     print(f"  rows: {ours['rows']}")
@@ -283,11 +294,14 @@ def report(args: argparse.Namespace, gen_s: float | None, ours: dict, theirs: di
     rate = ours["rows"]["metrics"] / ours["full_build_s"] / 1e6
     print(f"  full build {ours['full_build_s']:.1f} s ({rate:.2f} M metric rows/s)")
     print(f"  no-op re-index {ours['noop_reindex_s']:.2f} s, +1 run {ours['one_new_run_reindex_s']:.2f} s")
-    print(f"\n{'query':<64} {'warm ms':>8} {'e2e ms':>8} {'MLflow ms':>10} {'×':>6}")
+    print(f"\n{'query':<64} {'warm ms':>8} {'cpu ms':>8} {'e2e ms':>8} {'MLflow ms':>10} {'×':>6}")
     for title, t in ours["queries"].items():
         ml = (theirs or {}).get("queries", {}).get(title)
         extra = f"{ml['ms']:>10.1f} {ml['ms'] / t['warm_ms']:>6.0f}" if ml else ""
-        print(f"{title[:64]:<64} {t['warm_ms']:>8.1f} {t['end_to_end_ms']:>8.1f} {extra}")
+        print(f"{title[:64]:<64} {t['warm_ms']:>8.1f} {t['cpu_ms']:>8.1f} {t['end_to_end_ms']:>8.1f} {extra}")
+    print(
+        f"load average after the queries: {', '.join(f'{x:.1f}' for x in ours['load_average_after_queries'])}"
+    )
     if theirs:
         rate = theirs["log_batch_rows_per_s"]
         print(f"\nMLflow {theirs['version']}, {theirs['store']}")
@@ -301,7 +315,7 @@ def report(args: argparse.Namespace, gen_s: float | None, ours: dict, theirs: di
     print(f"\nslowest vlforge query: {worst:.1f} ms (goal < 200 ms)")
     return {
         "corpus": {"runs": args.runs, "steps": args.steps, "metrics": len(METRICS)},
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count(), "load_average_at_start": args.load_at_start},
         "generate_s": gen_s,
         "vlforge": ours,
         "mlflow": theirs,
@@ -316,6 +330,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep an existing corpus in --dir")
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args()
+    args.load_at_start = os.getloadavg()  # other work on the machine inflates wall times
     root = f"{args.dir}/runs"
     gen_s = None
     if not (args.reuse and os.path.isdir(root)):

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import PurePosixPath
 from typing import Any
 
 import duckdb
@@ -191,26 +190,25 @@ class RunFiles:
 
 def scan(fs: fsspec.AbstractFileSystem, root_path: str) -> dict[str, RunFiles]:
     """Every run directory under ``root_path`` (those with a ``status.json``), in one listing."""
-    runs: dict[str, RunFiles] = {}
     found = fs.find(root_path, detail=True)
-    root_parts = len(PurePosixPath(root_path).parts)
-    for path, info in found.items():
-        parts = PurePosixPath(path).parts[root_parts:]
-        if len(parts) == 3 and parts[2] == "status.json":
-            run_dir = path.rsplit("/", 1)[0]
-            runs[run_dir] = RunFiles(run_dir, _stamp(info))
-    for path, info in found.items():
-        parts = PurePosixPath(path).parts[root_parts:]
+    prefix = len(root_path.rstrip("/")) + 1
+    split = {path: path[prefix:].split("/") for path in found}  # <experiment>/<run>/...
+    runs = {
+        path.rsplit("/", 1)[0]: RunFiles(path.rsplit("/", 1)[0], _stamp(found[path]))
+        for path, parts in split.items()
+        if len(parts) == 3 and parts[2] == "status.json"
+    }
+    for path, parts in split.items():
         if len(parts) < 4 or path.endswith(TMP_SUFFIX):
             continue
         run = runs.get(url_join(root_path, parts[0], parts[1]))
         if run is None:
             continue
         if parts[2] in CHUNK_KINDS and len(parts) == 4 and parts[3].endswith(".jsonl"):
-            run.chunks[parts[2]][path] = info["size"]
+            run.chunks[parts[2]][path] = found[path]["size"]
         elif parts[2] == "checkpoints":
             # A sharded checkpoint is a directory: count it once, with the size of all its files.
-            run.checkpoints[parts[3]] = run.checkpoints.get(parts[3], 0) + (info["size"] or 0)
+            run.checkpoints[parts[3]] = run.checkpoints.get(parts[3], 0) + (found[path]["size"] or 0)
     return runs
 
 
