@@ -110,15 +110,16 @@ class RunWriter:
     def __init__(
         self,
         fs: fsspec.AbstractFileSystem,
-        run_dir: str,
+        path: str,
         status: dict[str, Any],
         *,
         flush_every: int = 1000,
         flush_seconds: float = 30.0,
     ) -> None:
+        """Use :meth:`create` or :meth:`open`; ``path`` is the run directory within ``fs``."""
         self._fs = fs
-        self._path = fs._strip_protocol(run_dir)
-        self.run_dir = run_dir
+        self._path = path
+        self.run_dir = to_url(fs, path)  # what to show and pass around: keeps the protocol
         self._status = status
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
@@ -175,7 +176,7 @@ class RunWriter:
             "hosts": hosts,
             "attempts": [],
         }
-        writer = cls(fs, to_url(fs, path), status, flush_every=flush_every, flush_seconds=flush_seconds)
+        writer = cls(fs, path, status, flush_every=flush_every, flush_seconds=flush_seconds)
         writer._write("recipe.toml", recipe_toml.encode())
         writer._write("config.json", _dumps(config, indent=2))
         writer._start_attempt(world_size, hosts)
@@ -202,7 +203,7 @@ class RunWriter:
         hosts = hosts or [socket.gethostname()]
         world_size = world_size or status["world_size"]
         status.update(world_size=world_size, hosts=hosts)
-        writer = cls(fs, to_url(fs, path), status, flush_every=flush_every, flush_seconds=flush_seconds)
+        writer = cls(fs, path, status, flush_every=flush_every, flush_seconds=flush_seconds)
         writer._start_attempt(world_size, hosts)
         return writer
 
