@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -94,7 +95,7 @@ class StreamingSource:
     """
 
     bad_data: BadDataConfig
-    stream: ShardedStream | None = None
+    _stream: weakref.ref[ShardedStream] | None = None  # weak: the stream refers to its source
 
     def units(self, epoch: int, seed: int) -> Sequence[Any]:
         raise NotImplementedError
@@ -114,7 +115,7 @@ class StreamingSource:
     def train_stream(
         self, micro_batch: int, seed: int, num_workers: int, rank: int, world_size: int
     ) -> ShardedStream:
-        self.stream = ShardedStream(
+        stream = ShardedStream(
             self,
             micro_batch=micro_batch,
             seed=seed,
@@ -122,17 +123,19 @@ class StreamingSource:
             rank=rank,
             world_size=world_size,
         )
-        return self.stream
+        self._stream = weakref.ref(stream)
+        return stream
 
     @hookimpl
     def vlforge_log(self, metrics: dict[str, float]) -> None:
         """Adds ``data/*`` counters of this rank's stream to the logged metrics."""
-        if self.stream is not None:
-            metrics.update(self.stream.metrics())
+        stream = self._stream() if self._stream is not None else None
+        if stream is not None:
+            metrics.update(stream.metrics())
 
     def __getstate__(self) -> dict[str, Any]:
-        # Workers get the source without its stream (which holds the DataLoader itself).
-        return {name: value for name, value in vars(self).items() if name != "stream"}
+        # Workers get the source without the link to its stream (which holds the DataLoader).
+        return {name: value for name, value in vars(self).items() if name != "_stream"}
 
 
 def shuffled_blocks(
