@@ -88,7 +88,7 @@ class StreamingSource:
       fixed order; raises ``BadShard`` when the unit cannot be read on;
     * ``decode(raw, seed, epoch, counts)``: raw sample -> example, in a worker;
       raises ``BadSample`` to skip it (``counts`` takes counts of partial losses);
-    * ``collate(examples)``: examples -> batch dict;
+    * ``collate(examples)``: examples -> batch dict (a method or a callable attribute);
     * ``num_samples()``: samples in one epoch (for the epoch length).
 
     ``bad_data`` is the recipe's ``[data.bad_data]`` table.
@@ -104,9 +104,6 @@ class StreamingSource:
         raise NotImplementedError
 
     def decode(self, raw: Any, seed: int, epoch: int, counts: Counter[str]) -> Any:
-        raise NotImplementedError
-
-    def collate(self, examples: list[Any]) -> dict[str, Any]:
         raise NotImplementedError
 
     def num_samples(self) -> int:
