@@ -59,3 +59,14 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep: int) -
 def load_checkpoint(url: str) -> dict[str, Any]:
     with fsspec.open(url, "rb") as f:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+
+
+def load_model_weights(model: torch.nn.Module, source: str) -> None:
+    """Load the model weights of a checkpoint file, or of a run directory's latest checkpoint.
+
+    Every tensor must fit (strict): the source run must have the same architecture.
+    """
+    url = source if source.endswith(".pt") else latest_checkpoint(source)
+    if url is None:
+        raise FileNotFoundError(f"model.init_from: no checkpoint in {source}")
+    model.load_state_dict(load_checkpoint(url)["model"])

@@ -308,6 +308,8 @@ class Trainer:
     def fit(self) -> str:
         """Train to ``train.steps`` (or until stopped); returns the final run status."""
         train = self.recipe.train
+        if self.progress.step == 0 and self.recipe.model.init_from:
+            ckpt.load_model_weights(self.model, self.recipe.model.init_from)
         self.plugins.call("vlforge_run_start", state=self.state)
         status = "completed"
         bar = self._progress_bar()

@@ -89,6 +89,10 @@ class ModelSection(Section):
     text: ComponentTable | None = None
     adapter: ComponentTable | None = None
     fusion: ComponentTable | None = None
+    # A checkpoint file or a run directory (its latest checkpoint): a fresh run starts from
+    # those model weights (fine-tuning, FLIP's unmasked tuning); optimizer, schedule and data
+    # start anew. A resumed run restores its own checkpoint instead.
+    init_from: str | None = None
 
 
 class OptimSection(Section):
