@@ -66,7 +66,12 @@ def load_model_weights(model: torch.nn.Module, source: str) -> None:
 
     Every tensor must fit (strict): the source run must have the same architecture.
     """
+    from vlforge.errors import UserError
+
     url = source if source.endswith(".pt") else latest_checkpoint(source)
     if url is None:
-        raise FileNotFoundError(f"model.init_from: no checkpoint in {source}")
-    model.load_state_dict(load_checkpoint(url)["model"])
+        raise UserError(f"model.init_from: no checkpoint in {source}")
+    try:
+        model.load_state_dict(load_checkpoint(url)["model"])
+    except RuntimeError as exc:  # missing, unexpected or differently shaped tensors
+        raise UserError(f"model.init_from: {url} does not fit this model: {exc}") from None
