@@ -153,10 +153,10 @@ class SweepSection(Section):
     run's ``index`` in the array and its ``overrides``, so the index records what varied.
     """
 
-    grid: dict[str, Any] = Field(default_factory=dict)
-    points: list[dict[str, Any]] = Field(default_factory=list)
+    grid: dict[str, Any] | None = None
+    points: list[dict[str, Any]] | None = None
     index: int | None = None
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    overrides: dict[str, Any] | None = None
 
 
 class Recipe(Section):

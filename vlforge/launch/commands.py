@@ -1,4 +1,8 @@
-"""CLI subcommands of this package (added to `vlforge` by vlforge.cli; keep imports light)."""
+"""CLI subcommands of this package (added to `vlforge` by vlforge.cli; keep imports light).
+
+``vlforge sweep`` (a job array of runs), ``vlforge status`` (recent Slurm jobs with their
+runs) and ``vlforge cancel``. ``vlforge run --launcher slurm`` itself lives in vlforge.cli.
+"""
 
 from __future__ import annotations
 
@@ -7,3 +11,48 @@ import argparse
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `vlforge` parser."""
+    from vlforge.cli import _recipe_args, _root_arg
+
+    sweep = subparsers.add_parser("sweep", help="submit a recipe's sweep as one Slurm job array")
+    _recipe_args(sweep)
+    sweep.description = "Overrides with several values (key=a,b,...) form a grid, with the recipe's [sweep]."
+    _root_arg(sweep)
+    sweep.add_argument("--dry-run", action="store_true", help="print the runs and the sbatch script only")
+    sweep.set_defaults(func=_sweep)
+
+    status = subparsers.add_parser("status", help="recent Slurm jobs: Slurm state, run status, step, log")
+    _root_arg(status)
+    status.add_argument("-n", "--limit", type=int, default=20, help="this many newest jobs (default 20)")
+    status.set_defaults(func=_status)
+
+    cancel = subparsers.add_parser("cancel", help="stop Slurm jobs of runs (checkpoint first)")
+    cancel.add_argument("refs", nargs="+", metavar="RUN_OR_JOB", help="run ids or Slurm job ids")
+    _root_arg(cancel)
+    cancel.add_argument("--now", action="store_true", help="scancel at once, without a last checkpoint")
+    cancel.set_defaults(func=_cancel)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from vlforge.launch.sweep import cmd_sweep
+
+    return cmd_sweep(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from vlforge.launch.slurm import status_rows
+    from vlforge.results.query import format_table
+    from vlforge.results.rundir import resolve_root
+
+    root = resolve_root(args.runs_root)
+    columns, rows = status_rows(root, args.limit)
+    print(format_table(columns, rows) if rows else f"no Slurm jobs submitted under {root}")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from vlforge.launch.slurm import cancel
+    from vlforge.results.rundir import resolve_root
+
+    for line in cancel(resolve_root(args.runs_root), args.refs, now=args.now):
+        print(f"vlforge: {line}")
+    return 0

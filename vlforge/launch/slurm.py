@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -39,6 +40,7 @@ from typing import Any
 import submitit
 
 from vlforge.errors import UserError
+from vlforge.hookspecs import hookimpl
 from vlforge.launch.profiles import (
     ClusterProfile,
     ProfileError,
@@ -413,7 +415,8 @@ def read_submissions(root: str) -> list[Submission]:
     paths = [p for p in fs.ls(base, detail=False) if p.endswith(".json")]
     texts = fs.cat(paths) if paths else {}
     records = [Submission(**json.loads(text)) for text in texts.values()]
-    return sorted(records, key=lambda r: (r.submitted, r.job_id), reverse=True)
+    in_array_order = sorted(records, key=lambda r: [int(part) for part in r.job_id.split("_")])
+    return sorted(in_array_order, key=lambda r: r.submitted, reverse=True)
 
 
 # --------------------------------------------------------------------------- on the nodes
@@ -422,10 +425,11 @@ def read_submissions(root: str) -> list[Submission]:
 class SlurmRun(submitit.helpers.Checkpointable):
     """What every task of a vlforge Slurm job runs.
 
-    The training loop handles USR2/SIGTERM itself (checkpoint at the next step boundary);
-    submitit's own USR2 handler, active only before and after the loop, calls the inherited
-    ``checkpoint()``, which resubmits this object unchanged: there is no training state to
-    save there, and the requeued job finds its progress in the run directory.
+    Every stop goes through the training loop: a stop signal (USR2, SIGTERM, SIGINT) that arrives
+    while the run is being set up is held and handed to the loop at its first step, which
+    then checkpoints at that step's end like any other stop. Only in the moment before this
+    object runs is submitit's own handler in charge; as this is a Checkpointable, it then
+    requeues the job unchanged (nothing was trained yet).
     """
 
     def __init__(self, job: RunJob, max_requeues: int) -> None:
@@ -433,11 +437,17 @@ class SlurmRun(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self) -> str:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _hold_signal)
         env = submitit.JobEnvironment()
         # RANK, LOCAL_RANK, WORLD_SIZE; MASTER_ADDR = first node; MASTER_PORT seeded by the job id.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-        job = replace(self.job, resume=self.job.resume or restarts > 0)
+        job = replace(
+            self.job,
+            resume=self.job.resume or restarts > 0,
+            extra_plugins=(*self.job.extra_plugins, __name__),  # for vlforge_step_start below
+        )
         if _read_status_json(job.run_dir).get("status") == "completed":
             print(f"vlforge: run {job.run_id} is already completed; nothing to do")
             return "completed"
@@ -460,6 +470,24 @@ class SlurmRun(submitit.helpers.Checkpointable):
 
             RunWriter.open(job.run_dir).close("preempted", reason)
         return "preempted"
+
+
+# Signals that stop a run (vlforge.engine.STOP_SIGNALS): USR2 (submitit's --signal, before
+# the time limit and on preemption), SIGTERM (scancel, the end of a time limit or of a
+# preemption grace time), SIGINT (`vlforge cancel`).
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+_held_signals: list[int] = []  # arrived before the training loop installed its handlers
+
+
+def _hold_signal(signum: int, _frame: Any) -> None:
+    _held_signals.append(signum)
+
+
+@hookimpl
+def vlforge_step_start(state: Any) -> None:
+    """Deliver held stop signals again, now that the training loop handles them."""
+    while _held_signals:
+        os.kill(os.getpid(), _held_signals.pop())
 
 
 def _read_status_json(run_dir: str) -> dict[str, Any]:
