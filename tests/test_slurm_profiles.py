@@ -1,0 +1,223 @@
+"""Slurm launching without a cluster: profiles, plans, sbatch scripts, sweeps, requeue rules.
+
+Bad input is refused before anything is submitted: each case checks that the runs root
+stays empty (no run directory, no ``.slurm`` records).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+
+import pytest
+
+from vlforge.cli import main
+from vlforge.launch import slurm
+from vlforge.launch.profiles import load_profile, slurm_minutes
+from vlforge.launch.sweep import element_overrides, split_sweep_args, sweep_points
+from vlforge.recipe import SweepSection, load_recipe
+
+from .conftest import REPO
+
+
+@pytest.fixture
+def profiles(tmp_path, monkeypatch):
+    """write_profile(name, text): a profile in a folder searched first."""
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    monkeypatch.setenv("VLFORGE_SLURM_PROFILES", str(folder))
+
+    def write_profile(name: str, text: str):
+        path = folder / f"{name}.toml"
+        path.write_text(text)
+        return path
+
+    return write_profile
+
+
+def slurm_run(recipe, *overrides: str) -> int:
+    return main(["run", str(recipe), "--launcher", "slurm", *overrides])
+
+
+@pytest.mark.parametrize(
+    ("text", "minutes"),
+    [
+        (90, 90),
+        ("90", 90),
+        ("1:30", 2),
+        ("0:01:00", 1),
+        ("2:00:00", 120),
+        ("1-2", 1560),
+        ("2-00:00:00", 2880),
+    ],
+)
+def test_slurm_time_formats(text, minutes):
+    assert slurm_minutes(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["1h", "0", "-5", "1:2:3:4"])
+def test_slurm_time_refuses_nonsense(text):
+    with pytest.raises(ValueError):
+        slurm_minutes(text)
+
+
+def test_profile_key_typo_names_key_file_and_valid_keys(tiny_recipe, profiles, runs_root, capsys):
+    path = profiles("typo", 'partition = "debug"\ngpus_per_nod = 2\ntime_limit = "1h"\n')
+    assert slurm_run(tiny_recipe, 'launch.profile="typo"') == 2
+    err = capsys.readouterr().err
+    assert f"profile {path}: 2 problems" in err
+    assert "gpus_per_nod: unknown key; did you mean 'gpus_per_node'?" in err
+    assert "valid keys: account, constraint, cpus_per_task" in err
+    assert "time_limit: " in err and "'1h' is not a Slurm time" in err
+    assert not runs_root.exists()
+
+
+def test_unknown_profile_lists_the_profiles(tiny_recipe, runs_root, capsys):
+    assert slurm_run(tiny_recipe, 'launch.profile="dev-hihg"') == 2
+    err = capsys.readouterr().err
+    assert "launch.profile: unknown profile 'dev-hihg'; did you mean 'dev-high'?" in err
+    assert "a100, dev, dev-high" in err
+    assert not runs_root.exists()
+
+
+def test_missing_profile_is_a_recipe_error(tiny_recipe, runs_root, capsys):
+    assert slurm_run(tiny_recipe) == 2
+    assert "launch.profile: the slurm launcher needs a cluster profile" in capsys.readouterr().err
+
+
+def test_more_gpus_than_the_nodes_have_is_refused(tiny_recipe, profiles, runs_root, capsys):
+    profiles("twogpu", 'partition = "debug"\ngpus_per_node = 2\n')
+    assert slurm_run(tiny_recipe, 'launch.profile="twogpu"', "launch.nproc=4") == 2
+    err = capsys.readouterr().err
+    assert "launch.nproc: 4 processes per node need 4 GPUs, but the nodes of profile 'twogpu' have 2" in err
+    assert not runs_root.exists()
+
+
+def test_world_size_must_divide_the_global_batch(tiny_recipe, profiles, runs_root, capsys):
+    profiles("eight", 'partition = "debug"\ngpus_per_node = 8\n')
+    assert slurm_run(tiny_recipe, 'launch.profile="eight"', "launch.nodes=4") == 2
+    assert "train.batch_size: global batch 16 is not divisible by accum_steps × world size = 1 × 32" in (
+        capsys.readouterr().err
+    )
+
+
+def test_gpu_plan_one_task_per_gpu_and_its_sbatch_script(tiny_recipe, tmp_path):
+    recipe, _ = load_recipe(
+        tiny_recipe,
+        ['launch.launcher="slurm"', 'launch.profile="a100"', "launch.nodes=2", "train.batch_size=64"],
+    )
+    plan = slurm.plan_launch(recipe, str(tiny_recipe), str(tmp_path / "runs"))
+    assert (plan.world_size, plan.tasks_per_node, plan.gpus_per_node) == (16, 8, 8)
+    assert "global batch 64 = 16 ranks × 1 accumulation × 4 per rank" in plan.describe(recipe)
+    script = plan.sbatch_script()
+    for line in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --mem=983040M",  # 120 GB per GPU × 8
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=my-project",
+        "#SBATCH --constraint=a100-80gb",
+        "#SBATCH --time=2880",
+        "#SBATCH --signal=USR2@300",
+        "#SBATCH --requeue",
+        "#SBATCH --exclusive",
+        "module load cuda/12.4",
+    ]:
+        assert line in script.splitlines(), line
+    assert f"--output {tmp_path}/runs/.slurm/logs/%j/%j_%t_log.out" in script
+    array = plan.sbatch_script(array_size=5)
+    assert "#SBATCH --array=0-4%5" in array and "%A_%a_%t_log.out" in array
+
+
+def test_recipe_time_limit_overrides_the_profile(tiny_recipe, tmp_path):
+    recipe, _ = load_recipe(tiny_recipe, ['launch.profile="dev"', 'launch.time_limit="0:01:00"'])
+    plan = slurm.plan_launch(recipe, str(tiny_recipe), str(tmp_path))
+    assert plan.time_min == 1 and "#SBATCH --time=1" in plan.sbatch_script()
+    assert load_profile(REPO / "slurm/profiles/dev.toml").time_min == 30
+
+
+def test_dev_high_profile_extends_dev():
+    high = load_profile(REPO / "slurm/profiles/dev-high.toml")
+    assert (high.partition, high.signal_delay_s, high.name) == ("high", 30, "dev-high")
+
+
+@pytest.mark.parametrize(
+    ("state", "restarts", "refused"),
+    [
+        ("RUNNING", 0, None),
+        ("RUNNING", 2, None),
+        ("RUNNING", 3, "already requeued 3 time(s), launch.max_requeues = 3"),
+        ("COMPLETING", 0, "the job is COMPLETING"),  # scancel, or the time limit's SIGTERM
+        ("PENDING", 0, "the job is PENDING"),  # Slurm requeued it already
+    ],
+)
+def test_requeue_only_running_jobs_within_the_limit(state, restarts, refused):
+    reason = slurm.requeue_refusal(state, restarts, max_requeues=3)
+    assert reason is None if refused is None else refused in reason
+
+
+def test_signals_held_during_setup_reach_the_training_loop(monkeypatch):
+    received = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, _: received.append(signum))
+    try:
+        monkeypatch.setattr(slurm, "_held_signals", [])
+        slurm._hold_signal(signal.SIGUSR2, None)  # arrives while the model is built
+        assert received == []
+        slurm.vlforge_step_start(state=None)  # the loop's first step: delivered again
+        assert received == [signal.SIGUSR2] and slurm._held_signals == []
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_sweep_arguments_values_and_points():
+    plain, grid = split_sweep_args(
+        ["optim.lr=1e-3,3e-3", "seed=0", "optim.betas=[0.9,0.95],[0.9,0.98]", "name=a,b"]
+    )
+    assert plain == ["seed=0"]
+    assert grid == {"optim.lr": [1e-3, 3e-3], "optim.betas": [[0.9, 0.95], [0.9, 0.98]], "name": ["a", "b"]}
+    section = SweepSection(grid={"optim": {"lr": [1, 2]}, "seed": [7, 8]})
+    points = sweep_points(section, {"seed": [0, 1, 2]})  # the command line replaces seed
+    assert points == [{"optim.lr": lr, "seed": s} for lr in (1, 2) for s in (0, 1, 2)]
+    listed = SweepSection(points=[{"optim": {"lr": 1}}, {"seed": 3}])
+    assert sweep_points(listed, {}) == [{"optim.lr": 1}, {"seed": 3}]
+
+
+def test_sweep_element_recipe_records_index_and_overrides(tiny_recipe):
+    recipe, _ = load_recipe(
+        tiny_recipe, element_overrides({"optim.lr": 3e-3, "data.type": "synthetic.shapes"}, 2)
+    )
+    assert recipe.optim.lr == 3e-3
+    assert recipe.resolved()["sweep"] == {
+        "index": 2,
+        "overrides": {"optim.lr": 3e-3, "data.type": "synthetic.shapes"},
+    }
+
+
+def test_run_refuses_a_recipe_with_a_sweep(tiny_recipe, runs_root, capsys):
+    tiny_recipe.write_text(tiny_recipe.read_text() + '\n[sweep.grid]\n"optim.lr" = [1e-3, 3e-3]\n')
+    assert main(["run", str(tiny_recipe)]) == 2
+    assert "defines a [sweep]: submit it with `vlforge sweep" in capsys.readouterr().err
+
+
+def test_status_lists_recorded_submissions_newest_first(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "runs"
+    (root / ".slurm/jobs").mkdir(parents=True)
+    # An array submitted last (elements in array order), then an older single job.
+    for job_id, submitted in [
+        ("7_1", "2026-01-02T00:00:00Z"),
+        ("7_0", "2026-01-02T00:00:00Z"),
+        ("6", "2025-12-31T00:00:00Z"),
+    ]:
+        run_dir = str(root / "e" / job_id)
+        record = slurm.Submission(
+            job_id, f"run-{job_id}", "e", run_dir, "tiny", 6, 1, "debug", "x.out", submitted
+        )
+        (root / f".slurm/jobs/{job_id}.json").write_text(json.dumps(dataclasses.asdict(record)))
+    monkeypatch.setattr(slurm, "slurm_states", lambda ids: {"7_0": "RUNNING"})
+    assert main(["status", "--runs-root", str(root)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:5]]
+    assert [row[0] for row in rows] == ["7_0", "7_1", "6"]
+    assert rows[0][3:6] == ["RUNNING", "submitted", "0/6"] and rows[1][3] == "UNKNOWN"
