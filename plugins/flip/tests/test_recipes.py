@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from vlforge.components import BuildContext
+from vlforge.model import build_model
 from vlforge.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[3]
@@ -73,3 +76,17 @@ def test_vith_dry_run_prints_the_plan_and_allocates_no_weights(tmp_path):
     assert "world size 512" in out and "128 per rank" in out and "nothing was submitted" in out
     # ~967M fp32 parameters would take 3.9 GB; the imports alone take about 1 GB.
     assert usage.ru_maxrss * 1024 < 2.5e9
+
+
+def test_flip_objective_starts_at_one_over_007_and_clamps_at_ln_100():
+    """The recipes' temperature is clip.infonce's: init ln(1/0.07), clamped after an overshooting step."""
+    recipe, plugins = load_recipe(RECIPES / "flip_tiny.toml")
+    objective = build_model(recipe, plugins, BuildContext(recipe)).objectives["contrastive"]
+    assert objective.logit_scale.exp().item() == pytest.approx(1 / 0.07, abs=1e-5)
+    optimizer = torch.optim.SGD([objective.logit_scale], lr=10.0)
+    (-objective.logit_scale).backward()  # pushes s up by 10, far past ln 100
+    optimizer.step()
+    assert objective.logit_scale.item() > math.log(100)
+    plugins.register_component(objective, "component:contrastive")
+    plugins.call("vlforge_after_optimizer_step", state=None)
+    assert objective.logit_scale.item() == pytest.approx(math.log(100), abs=1e-6)
