@@ -132,6 +132,17 @@ def test_gates_at_zero_give_the_frozen_lm_logits_bitwise(family):
         assert torch.equal(fusion(tokens["input_ids"], tokens["attention_mask"], media).logits, expected)
 
 
+def test_gates_at_zero_give_the_frozen_lm_logits_under_bf16_autocast(batch):
+    parts = build_parts("llama")
+    parts.fusion.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = flamingo_logits(parts, batch)
+        frozen = parts.fusion.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert logits.dtype == torch.bfloat16 and torch.equal(logits, frozen)
+        open_gates(parts.fusion)
+        assert torch.isfinite(flamingo_logits(parts, batch)).all()
+
+
 def test_unknown_layout_names_the_supported_ones():
     with pytest.raises(
         ValueError, match=r"cannot find the decoder layers of Sequential.*LLaMA: model\.layers"

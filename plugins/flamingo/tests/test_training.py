@@ -95,8 +95,10 @@ def test_a_step_sums_the_weighted_losses_of_one_batch_per_dataset(trainer):
 
     trainer.stream = Recording()
     trainer.plugins.register_component(Spy(), "spy")
+    model.train()  # as an evaluator leaves it
     trainer.train_step()
     assert [batch["dataset"] for batch in drawn] == ["interleaved", "pairs"] and optimizer_steps == [1]
+    assert not model.vision.training and model.fusion.training  # the frozen encoder went back to eval
 
     model.load_state_dict(initial)
     model.zero_grad(set_to_none=True)
