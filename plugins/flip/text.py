@@ -11,6 +11,8 @@ Shapes: B batch, L padded text length, K kept tokens, D width.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from vlforge_plugins.flip.masking import StepGenerator, keep_count, lowest_indices
@@ -18,6 +20,9 @@ from vlforge_plugins.flip.masking import StepGenerator, keep_count, lowest_indic
 from vlforge.components import TextOutput
 from vlforge.encoders.text import HFText
 from vlforge.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from vlforge.engine import TrainState
 
 
 def text_keep_indices(
@@ -63,5 +68,5 @@ class MaskedText(HFText):
         return TextOutput(tokens=tokens, pooled=pooled, embedding=self.project(pooled), attention_mask=mask)
 
     @hookimpl
-    def vlforge_step_start(self, state) -> None:
+    def vlforge_step_start(self, state: TrainState) -> None:
         self.generator.reseed(state.rank, state.step)
