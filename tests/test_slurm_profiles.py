@@ -218,6 +218,8 @@ def test_status_lists_recorded_submissions_newest_first(tmp_path, monkeypatch, c
         (root / f".slurm/jobs/{job_id}.json").write_text(json.dumps(dataclasses.asdict(record)))
     monkeypatch.setattr(slurm, "slurm_states", lambda ids: {"7_0": "RUNNING"})
     assert main(["status", "--runs-root", str(root)]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:5]]
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[2:5]]
     assert [row[0] for row in rows] == ["7_0", "7_1", "6"]
     assert rows[0][3:6] == ["RUNNING", "submitted", "0/6"] and rows[1][3] == "UNKNOWN"
+    assert lines[-3:] == ["  7_0  x.out", "  7_1  x.out", "  6  x.out"]  # the log paths, in full

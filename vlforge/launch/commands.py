@@ -39,13 +39,19 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from vlforge.launch.slurm import status_rows
+    from vlforge.launch.slurm import read_submissions, status_rows
     from vlforge.results.query import format_table
     from vlforge.results.rundir import resolve_root
 
     root = resolve_root(args.runs_root)
-    columns, rows = status_rows(root, args.limit)
-    print(format_table(columns, rows) if rows else f"no Slurm jobs submitted under {root}")
+    records = read_submissions(root)[: args.limit]
+    if not records:
+        print(f"no Slurm jobs submitted under {root}")
+        return 0
+    print(format_table(*status_rows(records)))
+    print("logs (rank 0; rank r: _<r>_log.out):")
+    for record in records:
+        print(f"  {record.job_id}  {record.log}")
     return 0
 
 

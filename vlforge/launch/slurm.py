@@ -565,9 +565,8 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     raise UserError(f"neither sacct nor squeue answered: {out.stderr.strip()}")
 
 
-def status_rows(root: str, limit: int) -> tuple[list[str], list[tuple]]:
-    """The ``vlforge status`` table: the newest ``limit`` submissions with their states."""
-    records = read_submissions(root)[:limit]
+def status_rows(records: list[Submission]) -> tuple[list[str], list[tuple]]:
+    """The ``vlforge status`` table of ``records``: Slurm state, run status, progress."""
     states = slurm_states([r.job_id for r in records])
     rows = []
     for record in records:
@@ -582,10 +581,9 @@ def status_rows(root: str, limit: int) -> tuple[list[str], list[tuple]]:
                 f"{run.get('last_step') or 0}/{record.steps}",
                 max(len(run.get("attempts", [])) - 1, 0),
                 " ".join(record.overrides),
-                record.log,
             )
         )
-    columns = ["job", "run", "recipe", "slurm", "run status", "step", "requeues", "overrides", "log"]
+    columns = ["job", "run", "recipe", "slurm", "run status", "step", "requeues", "overrides"]
     return columns, rows
 
 
