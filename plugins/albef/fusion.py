@@ -147,10 +147,16 @@ class BertFusion(nn.Module):
         return x
 
     def mlm_logits(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        """hidden (M,D), the text encoder's word embeddings (V,D) as the tied decoder -> (M,V)."""
+        """hidden (M,D), the text encoder's word embeddings (V,D) as the tied decoder -> (M,V) fp32.
+
+        The decoder runs in fp32 even under autocast: these logits feed the
+        distillation softmax, and M (the masked tokens only) keeps it cheap.
+        """
         if self.mlm_transform is None:
             raise RuntimeError("albef.fusion was built with mlm_head = false")
-        return F.linear(self.mlm_transform(hidden), word_embeddings, self.mlm_bias)
+        transformed = self.mlm_transform(hidden)  # (M,D)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return F.linear(transformed.float(), word_embeddings.float(), self.mlm_bias.float())
 
     def load_mlm_head(self, folder: str) -> bool:
         """Load BERT's ``cls.predictions`` head from a pretrained folder; False if it has none."""

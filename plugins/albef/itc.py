@@ -138,7 +138,7 @@ class ImageTextContrastive(nn.Module):
         if ids is None:
             eye = torch.eye(batch, dtype=torch.bool, device=device)
             return F.pad(eye, (0, self.queue_size))
-        ids = ids.to(device)
+        ids = ids.to(device=device, dtype=torch.long)
         return ids[:, None] == torch.cat([ids, self.id_queue])[None, :]
 
     @torch.no_grad()
@@ -155,7 +155,7 @@ class ImageTextContrastive(nn.Module):
         self.image_queue.index_copy_(0, slots, images)
         self.text_queue.index_copy_(0, slots, texts)
         if ids is not None:
-            self.id_queue.index_copy_(0, slots, gather_no_grad(ids.to(images.device)))
+            self.id_queue.index_copy_(0, slots, gather_no_grad(ids.to(images.device, torch.long)))
         self.queue_ptr.add_(rows).remainder_(self.queue_size)
 
     @torch.no_grad()

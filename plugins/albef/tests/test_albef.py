@@ -496,6 +496,15 @@ def test_fusion_attends_to_the_image_and_to_later_tokens():
     assert not torch.allclose(base, other_text), "self-attention must be bidirectional, not causal"
 
 
+def test_mlm_logits_are_fp32_under_autocast():
+    text = tiny_bert(layers=2)
+    fusion = BertFusion(text.removed_layers, 24, text.model.config)
+    embeddings = text.model.get_input_embeddings().weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = fusion.mlm_logits(torch.randn(5, 32), embeddings)
+    assert logits.shape == (5, embeddings.shape[0]) and logits.dtype == torch.float32
+
+
 def test_mlm_head_loads_from_a_pretrained_bert_folder(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
