@@ -143,6 +143,33 @@ def test_gates_at_zero_give_the_frozen_lm_logits_under_bf16_autocast(batch):
         assert torch.isfinite(flamingo_logits(parts, batch)).all()
 
 
+def test_a_pretrained_folder_is_loaded_and_its_embedding_grown_for_the_new_tokens(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from vlforge_plugins.flamingo.data import shapes_tokenizer
+
+    base = shapes_tokenizer()  # no Flamingo tokens yet
+    torch.manual_seed(0)
+    saved = GPT2LMHeadModel(GPT2Config(vocab_size=len(base), n_embd=64, n_layer=2, n_head=4)).eval()
+    saved.save_pretrained(tmp_path)
+    base.save_pretrained(tmp_path)
+    ctx = BuildContext(recipe=None, parts={"adapter": SimpleNamespace(width=32)})
+    fusion = build_gated_xattn(GatedXAttnConfig(lm=str(tmp_path), heads=2, dim_head=16), ctx).eval()
+    rows = fusion.lm.get_input_embeddings().weight
+    assert len(fusion.tokenizer) == len(base) + 2 == rows.shape[0]
+    assert torch.equal(rows[: len(base)], saved.get_input_embeddings().weight)
+    assert fusion.image_token_id >= len(base) and fusion.end_of_chunk_token_id >= len(base)
+    ids = torch.tensor([[base.bos_token_id, 7, 8, 9]])
+    media = torch.randn(1, 1, 8, 32)
+    logits = fusion(ids, torch.ones_like(ids), media).logits[..., : len(base)]
+    assert torch.equal(logits, saved(input_ids=ids).logits)
+    on_meta = build_gated_xattn(
+        GatedXAttnConfig(lm=str(tmp_path)), BuildContext(recipe=None, meta=True, parts=ctx.parts)
+    )
+    assert (
+        on_meta.lm.device.type == "meta" and on_meta.lm.get_input_embeddings().num_embeddings == len(base) + 2
+    )
+
+
 def test_unknown_layout_names_the_supported_ones():
     with pytest.raises(
         ValueError, match=r"cannot find the decoder layers of Sequential.*LLaMA: model\.layers"
