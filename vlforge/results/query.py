@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -75,20 +76,12 @@ def query(root: str, sql: str, fmt: Format = "table") -> str:
 
 def query_arrow(root: str, sql: str) -> Any:
     """The result of a read-only query as a ``pyarrow.Table`` (``vlforge query --format parquet``)."""
-    con = connect(root)
-    try:
-        return _execute(con, sql).to_arrow_table()
-    finally:
-        con.close()
+    return _run(root, sql, lambda rel: rel.to_arrow_table())
 
 
 def query_df(root: str, sql: str) -> Any:
     """The result of a read-only query as a ``pandas.DataFrame``."""
-    con = connect(root)
-    try:
-        return _execute(con, sql).df()
-    finally:
-        con.close()
+    return _run(root, sql, lambda rel: rel.df())
 
 
 def list_runs(root: str, where: str | None = None, fmt: Format = "table") -> str:
@@ -106,11 +99,14 @@ def list_runs(root: str, where: str | None = None, fmt: Format = "table") -> str
 
 
 def _fetch(root: str, sql: str) -> tuple[list[str], list[tuple]]:
+    return _run(root, sql, lambda rel: (list(rel.columns), rel.fetchall()) if rel is not None else ([], []))
+
+
+def _run(root: str, sql: str, fetch: Callable[[duckdb.DuckDBPyRelation | None], Any]) -> Any:
     con = connect(root)
     try:
-        rel = _execute(con, sql)
-        return (list(rel.columns), rel.fetchall()) if rel is not None else ([], [])
-    except duckdb.Error as e:
+        return fetch(_execute(con, sql))
+    except duckdb.Error as e:  # raised while fetching: relations run lazily
         raise _translate(e) from e
     finally:
         con.close()
