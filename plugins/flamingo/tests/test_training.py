@@ -151,7 +151,7 @@ def test_large_recipes_dry_run_on_the_meta_device(recipe, blocks, total, capsys)
 def test_tiny_recipe_trains_end_to_end_and_indexes_per_dataset_losses(tmp_path, monkeypatch):
     runs_root = tmp_path / "runs"
     monkeypatch.setenv("VLFORGE_RUNS", str(runs_root))
-    code = main(["run", str(TINY), *SMALL, "train.steps=4", "train.log_every=1", "launch.nproc=1"])
+    code = main(["run", str(TINY), *SMALL, "train.steps=4", "train.log_every=1"])
     assert code == 0
     names = json.loads(query(str(runs_root), "SELECT DISTINCT name FROM metrics", "json"))
     assert {"train/lm.interleaved", "train/lm.pairs", "train/loss"} <= {row["name"] for row in names}
@@ -193,10 +193,7 @@ def test_core_readers_feed_flamingo_through_the_plugin_collates(tmp_path, monkey
         f'data.sources.pairs={{type="webdataset", urls="{tmp_path}/shards/{{00000..00001}}.tar", '
         f'collate="{collates}_pair_collate"}}',
     ]
-    assert (
-        main(["run", str(TINY), *SMALL, *sources, "train.steps=2", "train.log_every=1", "launch.nproc=1"])
-        == 0
-    )
+    assert main(["run", str(TINY), *SMALL, *sources, "train.steps=2", "train.log_every=1"]) == 0
     rows = json.loads(query(str(tmp_path / "runs"), "SELECT name, value FROM metrics WHERE step = 2", "json"))
     losses = {row["name"]: row["value"] for row in rows}
     assert losses["train/loss"] == pytest.approx(losses["train/lm.interleaved"] + losses["train/lm.pairs"])
