@@ -350,7 +350,7 @@ def submit(plan: SlurmPlan, runs: list[PlannedRun], root: str) -> list[Submissio
         submitted = executor.submit_array(tasks)
     fs, base = fsspec.core.url_to_fs(f"{root.rstrip('/')}/{SLURM_DIR}/jobs")
     fs.makedirs(base, exist_ok=True)
-    records = []
+    records, now = [], utc_now()
     for slurm_job, run in zip(submitted, runs):
         record = Submission(
             job_id=slurm_job.job_id,
@@ -362,7 +362,7 @@ def submit(plan: SlurmPlan, runs: list[PlannedRun], root: str) -> list[Submissio
             world_size=plan.world_size,
             partition=plan.profile.partition,
             log=str(slurm_job.paths.stdout).replace("%t", "0"),
-            submitted=utc_now(),
+            submitted=now,
             overrides=list(run.label),
         )
         write_atomic(fs, f"{base}/{record.job_id}.json", json.dumps(asdict(record), indent=2).encode())
