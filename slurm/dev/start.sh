@@ -89,8 +89,10 @@ restart_daemon() {
     if alive "$pidfile"; then
         [ "$changed" = yes ] || return 0
         log "restarting $name (config changed)"
-        kill "$(cat "$pidfile")"
-        wait_for 30 "$name to stop" bash -c "! kill -0 $(cat "$pidfile") 2>/dev/null"
+        local pid
+        pid=$(cat "$pidfile")
+        kill "$pid"
+        wait_for 30 "$name to stop" bash -c "! kill -0 $pid 2>/dev/null"
     else
         log "starting $name"
     fi
