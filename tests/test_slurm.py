@@ -279,23 +279,30 @@ def test_sweep_of_four_is_one_array_of_four_indexed_runs(tmp_path):
     assert all(r["used_lr"] == r["lr"] and r["used_seed"] == r["seed"] for r in rows)
 
 
-def test_cancel_stops_at_a_checkpoint_and_does_not_requeue(tmp_path, plugin, monkeypatch, capsys):
+def test_cancel_stops_at_a_checkpoint_and_resume_continues_on_slurm(tmp_path, plugin, monkeypatch, capsys):
     root = tmp_path / "runs"
     recipe = write_recipe(tmp_path, "cancel")
     monkeypatch.setenv("FIRST_ALLOCATION_STEP_S", "0.5")
-    [record] = slurm_run(
-        recipe, root, 'launch.profile="dev"', plugin, "train.steps=200", "train.checkpoint_every=4"
-    )
+    overrides = ['launch.profile="dev"', plugin, "train.steps=30", "train.checkpoint_every=4"]
+    [record] = slurm_run(recipe, root, *overrides)
     first_checkpoint = Path(record.run_dir) / "checkpoints" / "step_00000004.pt"
     wait_for(first_checkpoint.exists, 180, "the first checkpoint", record.job_id, record.log)
 
     assert main(["cancel", record.run_id, "--runs-root", str(root)]) == 0
     assert "asked to stop at the next step (SIGINT)" in capsys.readouterr().out
     status = wait_until_finished(record, seconds=120, statuses=("interrupted",))
-    assert [a["status"] for a in status["attempts"]] == ["interrupted"]
     assert accounting_states(record.job_id) == ["COMPLETED"]  # it ended by itself, not requeued
     [*_, (stopped_at, _)] = list_checkpoints(record.run_dir)
-    assert 4 <= stopped_at == status["last_step"] < 200
+    assert 4 <= stopped_at == status["last_step"] < 30
+
+    # Without repeating train.steps=30: a resumed run trains what it was started with.
+    monkeypatch.setenv("FIRST_ALLOCATION_STEP_S", "0")
+    resumed, _ = slurm_run(recipe, root, 'launch.profile="dev"', "--resume", record.run_id)
+    assert resumed.run_id == record.run_id and resumed.job_id != record.job_id and resumed.steps == 30
+    status = wait_until_finished(resumed)
+    assert [a["status"] for a in status["attempts"]] == ["interrupted", "completed"]
+    assert status["slurm_job_ids"] == [record.job_id, resumed.job_id]
+    assert [step for step, _ in logged_rows(record.run_dir, "train/loss")] == list(range(1, 31))
 
 
 def test_unknown_partition_is_refused_before_submitting(tmp_path, capsys):

@@ -170,8 +170,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             extra_plugins=tuple(args.plugin),
         )
     if plan is not None:
-        from vlforge.launch.slurm import PlannedRun, print_submissions, submit
+        from vlforge.launch.slurm import PlannedRun, ensure_fits, plan_launch, print_submissions, submit
+        from vlforge.recipe import load_recipe
 
+        if args.resume:  # train what the run started with; only where it runs (launch.*) may change
+            launch = [o for o in overrides if o.startswith("launch.")]
+            recipe, _ = load_recipe(job.recipe_path, launch, tuple(args.plugin))
+            plan = plan_launch(recipe, job.recipe_path, root)
+            ensure_fits(plan, job.recipe_path)
         print_submissions(submit(plan, [PlannedRun(job, recipe)], root), plan)
         return 0
     from vlforge.launch.local import launch_local
