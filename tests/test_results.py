@@ -528,6 +528,10 @@ def test_compare_and_plot(tmp_path: Path) -> None:
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_metric(str(tmp_path), "train/loss", str(png), run_ids=ids[:3]) == 3
+    assert (
+        plot_metric(str(tmp_path), "train/loss", str(png), run_ids=ids[:3], where=f"run_id <> '{ids[0]}'")
+        == 2
+    )
     with pytest.raises(QueryError, match="metrics: train/loss, train/samples_per_s"):
         plot_metric(str(tmp_path), "train/los", str(png))
     with pytest.raises(QueryError):

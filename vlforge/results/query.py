@@ -307,9 +307,10 @@ def plot_metric(
     where: str | None = None,
     smoothing: float = 0.0,
 ) -> int:
-    """``vlforge plot``: curves of ``metric`` for the given runs (or those matching ``where``, or all
-    that logged it) on one figure, written to ``out_png``. ``smoothing`` in [0, 1) is the weight of
-    an exponential moving average (as TensorBoard's slider). Returns the number of lines drawn.
+    """``vlforge plot``: curves of ``metric`` for the given runs and/or those matching ``where``
+    (every run that logged it if neither is given) on one figure, written to ``out_png``.
+    ``smoothing`` in [0, 1) is the weight of an exponential moving average (as TensorBoard's
+    slider). Returns the number of lines drawn.
     """
     if not 0.0 <= smoothing < 1.0:
         raise QueryError(f"smoothing must be in [0, 1), not {smoothing}")
@@ -329,10 +330,10 @@ def plot_metric(
 def _curves(
     con: duckdb.DuckDBPyConnection, metric: str, ids: list[str] | None, where: str | None
 ) -> dict[str, tuple[list[int], list[float]]]:
-    runs = "SELECT run_id FROM runs" + (f" WHERE {where}" if where else "")
     sql = (
         "SELECT run_id, list(step ORDER BY step), list(value ORDER BY step) FROM metrics WHERE name = $metric"
-        + (" AND list_contains($ids, run_id)" if ids else f" AND run_id IN ({runs})")
+        + (" AND list_contains($ids, run_id)" if ids else "")
+        + (f" AND run_id IN (SELECT run_id FROM runs WHERE {where})" if where else "")
         + " GROUP BY run_id ORDER BY run_id"
     )
     _refuse_writes(con, sql)
