@@ -474,12 +474,12 @@ def _ingest_chunks(
     overlapping = _overlapping(
         new, [{"path": p, "run_id": r, "first_step": f, "last_step": la} for p, r, f, la in known]
     )
-    for files, dedup in (
-        ([f for f in new if f["path"] not in overlapping], False),
-        ([f for f in new if f["path"] in overlapping], True),
-    ):
-        if files:
-            _load(con, fs, kind, files, dedup)
+    clean = [f for f in new if f["path"] not in overlapping]
+    repeated = [f for f in new if f["path"] in overlapping]
+    if clean:
+        _load(con, fs, kind, clean, dedup=False)
+    if repeated:
+        _load(con, fs, kind, repeated, dedup=True)
     con.register("_files", pa.Table.from_pylist(new))
     con.execute(
         "INSERT INTO ingested_files SELECT path, kind, run_id, size_bytes, first_step, last_step, "
@@ -500,7 +500,7 @@ def _overlapping(new: list[dict[str, Any]], known: list[dict[str, Any]]) -> set[
     by_run: dict[str, list[dict[str, Any]]] = {}
     for chunk in [*known, *new]:
         by_run.setdefault(chunk["run_id"], []).append(chunk)
-    out = {c["path"] for c in new if c["first_step"] is None}
+    out = set()
     for chunks in by_run.values():
         ranged = sorted((c for c in chunks if c["first_step"] is not None), key=lambda c: c["first_step"])
         if len(ranged) < len(chunks):  # a chunk of unknown range may hold any step
