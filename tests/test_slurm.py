@@ -303,6 +303,9 @@ def test_cancel_stops_at_a_checkpoint_and_resume_continues_on_slurm(tmp_path, pl
     assert [a["status"] for a in status["attempts"]] == ["interrupted", "completed"]
     assert status["slurm_job_ids"] == [record.job_id, resumed.job_id]
     assert [step for step, _ in logged_rows(record.run_dir, "train/loss")] == list(range(1, 31))
+    capsys.readouterr()
+    assert main(["cancel", record.run_id, "--runs-root", str(root)]) == 0
+    assert capsys.readouterr().out.count("already COMPLETED") == 2  # both jobs of the run
 
 
 def test_unknown_partition_is_refused_before_submitting(tmp_path, capsys):

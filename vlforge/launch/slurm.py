@@ -587,6 +587,9 @@ def status_rows(records: list[Submission]) -> tuple[list[str], list[tuple]]:
     return columns, rows
 
 
+FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL"}
+
+
 def cancel(root: str, refs: list[str], now: bool = False) -> list[str]:
     """Stop the jobs of runs or job ids in ``refs``; returns one line per job.
 
@@ -603,6 +606,9 @@ def cancel(root: str, refs: list[str], now: bool = False) -> list[str]:
     lines = []
     for record in chosen:
         state = states.get(record.job_id, "UNKNOWN")
+        if state in FINISHED_STATES:  # e.g. the first job of a run resumed since
+            lines.append(f"job {record.job_id} (run {record.run_id}): already {state}")
+            continue
         graceful = state == "RUNNING" and not now
         command = ["scancel", "--signal=INT", record.job_id] if graceful else ["scancel", record.job_id]
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
