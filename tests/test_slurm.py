@@ -127,10 +127,18 @@ def wait_until_finished(record, seconds: float = 240, statuses=("completed", "fa
 
 
 def accounting_states(job_id: str) -> list[str]:
-    """Every state sacct recorded for the job, requeued allocations included (-D), oldest first."""
+    """Every state sacct recorded for the finished job, requeued allocations included (-D).
+
+    slurmctld reports to slurmdbd asynchronously: wait (briefly) for the final state to land.
+    """
     command = ["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job_id]
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
-    return [line.split()[0] for line in out.stdout.splitlines()]
+    for _ in range(30):
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
+        states = [line.split()[0] for line in out.stdout.splitlines()]
+        if states and states[-1] not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"):
+            break
+        time.sleep(1)
+    return states
 
 
 def logged_rows(run_dir: str, name: str) -> list[tuple[int, float]]:
@@ -186,6 +194,7 @@ def test_two_tasks_one_process_group_results_indexed_with_the_job_id(tmp_path, p
         {"slurm_job_id": record.job_id, "status": "completed", "world_size": 2}
     ]
     assert final_evals(root, record.run_id)  # the retrieval evaluator ran at the end
+    assert accounting_states(record.job_id) == ["COMPLETED"]
     assert slurm_states([record.job_id]) == {record.job_id: "COMPLETED"}  # from sacct: accounting works
     assert main(["status", "--runs-root", str(root)]) == 0
     table = capsys.readouterr().out.splitlines()
