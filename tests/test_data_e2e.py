@@ -11,7 +11,7 @@ import pytest
 
 from vlforge.cli import main
 from vlforge.data.pack import pack, write_shapes_folder
-from vlforge.results.query import query
+from vlforge.results.queries import query
 
 # An objective that records the keys of every micro-batch it trains on and can send
 # this process SIGINT after a given step (a deterministic Ctrl-C).

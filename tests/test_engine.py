@@ -18,7 +18,7 @@ from vlforge import checkpoint as ckpt
 from vlforge.cli import main
 from vlforge.engine import lr_factor, parameter_groups
 from vlforge.recipe import OptimSection, ScheduleSection
-from vlforge.results.query import query
+from vlforge.results.queries import query
 
 # A test plugin: an objective that wraps CLIP's and can turn NaN, and a hook that
 # sends this process SIGINT after a given step (a deterministic Ctrl-C).

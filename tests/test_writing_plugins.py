@@ -39,7 +39,7 @@ def test_doc_plugin_registers_and_validates(siglip_module, tiny_recipe):
 @pytest.mark.slow
 def test_doc_plugin_trains_and_logs_its_metric(siglip_module, tiny_recipe, runs_root):
     from vlforge.cli import main
-    from vlforge.results.query import query
+    from vlforge.results.queries import query
 
     overrides = [
         f'plugins=["{siglip_module}"]',

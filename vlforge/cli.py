@@ -1,4 +1,4 @@
-"""`vlforge ...`: run, validate, show, plugins, runs, query, index.
+"""`vlforge ...`: run, validate, show, plugins; results, launch and data commands come from their packages.
 
 Imports stay lazy per subcommand: ``vlforge --help``, ``validate``, ``show``
 and ``plugins`` never import torch. User errors (a bad recipe, a missing
@@ -14,18 +14,15 @@ import sys
 from collections.abc import Callable
 
 from vlforge.errors import UserError, VlforgeError
+from vlforge.results.commands import runs_root_option
 
-EXTENSION_MODULES = ("vlforge.launch.commands", "vlforge.data.commands")
+EXTENSION_MODULES = ("vlforge.results.commands", "vlforge.launch.commands", "vlforge.data.commands")
 
 
-def _recipe_args(parser: argparse.ArgumentParser) -> None:
+def recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe TOML file")
     parser.add_argument("overrides", nargs="*", help="key.path=value (TOML-typed), e.g. optim.lr=3e-4")
     parser.add_argument("--plugin", action="append", default=[], help="extra plugin module to load")
-
-
-def _root_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs-root", help="runs root (any fsspec URL); default $VLFORGE_RUNS or ./runs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="train a recipe")
-    _recipe_args(run)
-    _root_arg(run)
+    recipe_arguments(run)
+    runs_root_option(run)
     run.add_argument(
         "--resume",
         nargs="?",
@@ -51,27 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("show", cmd_show, "print the resolved recipe"),
     ]:
         p = sub.add_parser(name, help=text)
-        _recipe_args(p)
+        recipe_arguments(p)
         p.set_defaults(func=func)
 
     plugins = sub.add_parser("plugins", help="list registered components with their fields and defaults")
     plugins.add_argument("--kind", help="only this component kind")
     plugins.set_defaults(func=cmd_plugins)
-
-    runs = sub.add_parser("runs", help="list runs in the index")
-    _root_arg(runs)
-    runs.add_argument("--where", help="SQL condition on the runs table, e.g. \"status = 'failed'\"")
-    runs.set_defaults(func=cmd_runs)
-
-    query = sub.add_parser("query", help="run a read-only SQL query on the index")
-    query.add_argument("sql")
-    _root_arg(query)
-    query.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    query.set_defaults(func=cmd_query)
-
-    index = sub.add_parser("index", help="ingest run directories into <root>/index.duckdb")
-    index.add_argument("root", nargs="?", help="runs root (default: as --runs-root)")
-    index.set_defaults(func=cmd_index)
 
     # Subsystems add their own subcommands; these modules must stay light (no torch import).
     for module in EXTENSION_MODULES:
@@ -213,7 +195,7 @@ def find_run(root: str, experiment: str, recipe_name: str, ref: str) -> str:
 
 
 def _print_run_summary(root: str, run_id: str, status: str) -> None:
-    from vlforge.results.query import query
+    from vlforge.results.queries import query
 
     print(f"vlforge: run {run_id} {status}")
     sql = (
@@ -257,33 +239,6 @@ def dry_run(recipe, plugins, slurm_plan=None) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- results
-
-
-def cmd_runs(args: argparse.Namespace) -> int:
-    from vlforge.results.query import list_runs
-    from vlforge.results.rundir import resolve_root
-
-    print(list_runs(resolve_root(args.runs_root), args.where))
-    return 0
-
-
-def cmd_query(args: argparse.Namespace) -> int:
-    from vlforge.results.query import query
-    from vlforge.results.rundir import resolve_root
-
-    print(query(resolve_root(args.runs_root), args.sql, args.format))
-    return 0
-
-
-def cmd_index(args: argparse.Namespace) -> int:
-    from vlforge.results.index import build_index
-    from vlforge.results.rundir import resolve_root
-
-    print(f"vlforge: index written to {build_index(resolve_root(args.root))}")
-    return 0
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -301,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     except VlforgeError as exc:
         print(f"vlforge: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `vlforge runs | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -11,23 +11,24 @@ import argparse
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `vlforge` parser."""
-    from vlforge.cli import _recipe_args, _root_arg
+    from vlforge.cli import recipe_arguments
+    from vlforge.results.commands import runs_root_option
 
     sweep = subparsers.add_parser("sweep", help="submit a recipe's sweep as one Slurm job array")
-    _recipe_args(sweep)
+    recipe_arguments(sweep)
     sweep.description = "Overrides with several values (key=a,b,...) form a grid, with the recipe's [sweep]."
-    _root_arg(sweep)
+    runs_root_option(sweep)
     sweep.add_argument("--dry-run", action="store_true", help="print the runs and the sbatch script only")
     sweep.set_defaults(func=_sweep)
 
     status = subparsers.add_parser("status", help="recent Slurm jobs: Slurm state, run status, step, log")
-    _root_arg(status)
+    runs_root_option(status)
     status.add_argument("-n", "--limit", type=int, default=20, help="this many newest jobs (default 20)")
     status.set_defaults(func=_status)
 
     cancel = subparsers.add_parser("cancel", help="stop Slurm jobs of runs (checkpoint first)")
     cancel.add_argument("refs", nargs="+", metavar="RUN_OR_JOB", help="run ids or Slurm job ids")
-    _root_arg(cancel)
+    runs_root_option(cancel)
     cancel.add_argument("--now", action="store_true", help="scancel at once, without a last checkpoint")
     cancel.set_defaults(func=_cancel)
 
@@ -40,7 +41,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from vlforge.launch.slurm import read_submissions, status_rows
-    from vlforge.results.query import format_table
+    from vlforge.results.queries import format_table
     from vlforge.results.rundir import resolve_root
 
     root = resolve_root(args.runs_root)

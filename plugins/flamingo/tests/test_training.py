@@ -22,7 +22,7 @@ from vlforge.engine import Trainer
 from vlforge.hookspecs import hookimpl
 from vlforge.model import build_model, parameter_counts
 from vlforge.recipe import load_recipe
-from vlforge.results.query import query
+from vlforge.results.queries import query
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 TINY = RECIPES / "flamingo_tiny.toml"

@@ -13,7 +13,7 @@ import torch
 from vlforge import checkpoint as ckpt
 from vlforge.cli import main
 from vlforge.errors import UserError
-from vlforge.results.query import query
+from vlforge.results.queries import query
 
 REPO = Path(__file__).resolve().parents[3]
 

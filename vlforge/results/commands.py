@@ -1,0 +1,98 @@
+"""`vlforge runs | query | index | compare | plot`: the results side of the CLI (imports lazily)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def runs_root_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs-root", help="runs root (any fsspec URL); default $VLFORGE_RUNS or ./runs")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    runs = subparsers.add_parser("runs", help="list runs in the index")
+    runs_root_option(runs)
+    runs.add_argument("--where", help="SQL condition on the runs table, e.g. \"status = 'failed'\"")
+    runs.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    runs.set_defaults(func=cmd_runs)
+
+    query = subparsers.add_parser("query", help="run a read-only SQL query on the index")
+    query.add_argument("sql")
+    runs_root_option(query)
+    query.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    query.add_argument("-o", "--output", help="file for --format parquet")
+    query.set_defaults(func=cmd_query)
+
+    index = subparsers.add_parser("index", help="ingest run directories into <root>/index.duckdb")
+    index.add_argument("root", nargs="?", help="runs root (default: $VLFORGE_RUNS or ./runs)")
+    index.add_argument("--rebuild", action="store_true", help="recreate the index from the run files")
+    index.set_defaults(func=cmd_index)
+
+    compare = subparsers.add_parser(
+        "compare", help="recipe differences and final metrics of runs side by side"
+    )
+    compare.add_argument("runs", nargs="+", help="run ids (or unique prefixes)")
+    runs_root_option(compare)
+    compare.set_defaults(func=cmd_compare)
+
+    plot = subparsers.add_parser("plot", help="curves of a metric for several runs, to PNG")
+    plot.add_argument("metric", help="metric name, e.g. train/loss")
+    plot.add_argument("--runs", nargs="+", default=None, help="run ids (or unique prefixes)")
+    plot.add_argument("--where", help="SQL condition on the runs table")
+    plot.add_argument("--smoothing", type=float, default=0.0, help="EMA weight in [0, 1)")
+    plot.add_argument("-o", "--output", default="curves.png")
+    runs_root_option(plot)
+    plot.set_defaults(func=cmd_plot)
+
+
+def _root(args: argparse.Namespace) -> str:
+    from vlforge.results.rundir import resolve_root
+
+    return resolve_root(getattr(args, "runs_root", None) or getattr(args, "root", None))
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from vlforge.results.queries import list_runs
+
+    print(list_runs(_root(args), args.where, args.format))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from vlforge.errors import UserError
+    from vlforge.results.queries import query, write_parquet
+
+    if args.format == "parquet":
+        if not args.output:
+            raise UserError("--format parquet writes a file: give it with -o FILE.parquet")
+        print(f"vlforge: {write_parquet(_root(args), args.sql, args.output)} rows written to {args.output}")
+    else:
+        print(query(_root(args), args.sql, args.format))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from vlforge.results.index import build_index
+
+    print(f"vlforge: index written to {build_index(_root(args), rebuild=args.rebuild)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vlforge.results.queries import compare_runs
+
+    print(compare_runs(_root(args), args.runs))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from vlforge.errors import UserError
+    from vlforge.results.queries import plot_metric
+
+    if not args.runs and not args.where:
+        raise UserError("name the runs to plot with --runs ID... and/or --where SQL")
+    lines = plot_metric(
+        _root(args), args.metric, args.output, run_ids=args.runs, where=args.where, smoothing=args.smoothing
+    )
+    print(f"vlforge: {lines} curve(s) of {args.metric} written to {args.output}")
+    return 0
