@@ -23,7 +23,7 @@ import pytest
 from vlforge.checkpoint import list_checkpoints
 from vlforge.cli import main
 from vlforge.launch.slurm import Submission, read_submissions, slurm_states
-from vlforge.results.query import query
+from vlforge.results.queries import query
 
 from .conftest import REPO, TINY_RECIPE
 

@@ -121,10 +121,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = resolve_root(args.runs_root)
     plan = None
     if recipe.launch.launcher == "slurm":
-        from vlforge.launch.slurm import ensure_fits, plan_launch
+        from vlforge.launch.slurm import check_cluster, ensure_fits, plan_launch
 
         plan = plan_launch(recipe, args.recipe, root)  # refuses what cannot run, before building anything
-        ensure_fits(plan, args.recipe)  # against the cluster, when sinfo answers
+        if args.dry_run:
+            # A dry run often plans for another cluster than the one `sinfo` reaches here: warn only.
+            for problem in check_cluster(plan, args.recipe):
+                print(
+                    f"vlforge: warning: the cluster reachable from here would refuse this: {problem}",
+                    file=sys.stderr,
+                )
+        else:
+            ensure_fits(plan, args.recipe)  # against the cluster, when sinfo answers
     if args.dry_run:
         return dry_run(recipe, plugins, plan)
     from vlforge.launch.worker import EXIT_CODES, RunJob
