@@ -159,7 +159,7 @@ def build_fusion(config: FusionConfig, ctx: BuildContext) -> Any:
     text.removed_layers.clear()  # they belong to the fusion module now
     with _on_meta(ctx):
         fusion = BertFusion(layers, vision.width, text.model.config, config.mlm_head)
-    pretrained = ctx.recipe.model.text.config.pretrained if ctx.recipe is not None else None
+    pretrained = getattr(ctx.recipe.model.text.config, "pretrained", None) if ctx.recipe else None
     if pretrained and not ctx.meta:
         fusion.load_mlm_head(pretrained)
     return fusion

@@ -117,8 +117,8 @@ class ImageTextContrastive(nn.Module):
         loss, sim_i2t, sim_t2i = itc_loss(
             step.image.embedding,
             step.text.embedding,
-            torch.cat([image_m, self.image_queue.clone()]),  # clone: the enqueue below writes in place
-            torch.cat([text_m, self.text_queue.clone()]),
+            torch.cat([image_m, self.image_queue]),  # a copy: the enqueue below writes the queue in place
+            torch.cat([text_m, self.text_queue]),
             self.temperature,
             self.current_alpha(step.progress),
             positives,

@@ -56,11 +56,9 @@ class MomentumTeacher(nn.Module):
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step of every momentum parameter towards its online twin."""
-        momentum_params, online_params = [], []
-        for name, online in self.online.items():
-            momentum_params += list(self.parts[name].parameters())
-            online_params += list(online.parameters())
-        torch._foreach_lerp_(momentum_params, online_params, 1.0 - self.momentum)
+        # Both sides list their parameters in the same order, each shared tensor once.
+        online = nn.ModuleDict(self.online).parameters()
+        torch._foreach_lerp_(list(self.parts.parameters()), list(online), 1.0 - self.momentum)
 
     @hookimpl
     def vlforge_after_optimizer_step(self, state: TrainState) -> None:

@@ -15,11 +15,12 @@ from vlforge.components import BuildContext
 from vlforge.model import Progress, Step, build_component, build_model
 from vlforge.plugins import load_plugins
 from vlforge.recipe import load_recipe
-from vlforge.results.query import query
+from vlforge.results.queries import query
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
-# The tiny recipe, shrunk further: 8 pairs per step, a queue of 2 steps, a 16-item held-out split.
+# The tiny recipe, shrunk further: 16 patches, 8 pairs per step, a queue of 2 steps, 16 held-out items.
 SMALL = [
+    "model.vision.patch_size=8",
     "train.steps=3",
     "train.batch_size=8",
     "train.log_every=1",
