@@ -207,3 +207,11 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tiny_recipe, runs_root):
     (run_dir,) = runs_root.glob("tests/*")
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
     assert ckpt.latest_checkpoint(str(run_dir)) is not None
+
+
+@pytest.mark.slow
+def test_evaluating_does_not_change_the_training_curve(tiny_recipe, runs_root):
+    assert main(["run", str(tiny_recipe), "train.eval_every=0"]) == 0
+    assert main(["run", str(tiny_recipe), "train.eval_every=2"]) == 0
+    without, with_evals = (losses(runs_root, run_id) for run_id in run_ids(runs_root))
+    assert without == with_evals

@@ -281,8 +281,12 @@ class Trainer:
     def evaluate(self) -> dict[str, dict[str, float]]:
         results: dict[str, dict[str, float]] = {}
         if self.state.rank == 0:
+            # Evaluators may draw random numbers (a DataLoader's seed, say); put the RNG back so
+            # that how often a run evaluates never changes how it trains.
+            saved = rng_state()
             for name, evaluator in self.evaluators.items():
                 results[name] = evaluator.evaluate(self.model, self.ctx)
+            set_rng_state(saved)
         results = dist.broadcast_object(results)
         self.plugins.call("vlforge_eval", state=self.state, results=results)
         if self.run is not None:
