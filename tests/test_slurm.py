@@ -212,8 +212,16 @@ def test_preempted_run_requeues_and_resumes_to_the_uninterrupted_result(tmp_path
     wait_for(first_checkpoint.exists, 180, "the first checkpoint", record.job_id, record.log)
 
     # A job of the high-priority partition wants the whole node: Slurm preempts the run.
-    preemptor = ["sbatch", "--parsable", "-p", "high", "--exclusive", "-J", "vlforge-test-preemptor",
-                 f"--output={tmp_path}/preemptor-%j.out"]  # not slurm-<id>.out in the working directory
+    preemptor = [
+        "sbatch",
+        "--parsable",
+        "-p",
+        "high",
+        "--exclusive",
+        "-J",
+        "vlforge-test-preemptor",
+        f"--output={tmp_path}/preemptor-%j.out",
+    ]  # not slurm-<id>.out in the working directory
     preemptor_id = subprocess.run(
         [*preemptor, "--wrap", "sleep 1"], capture_output=True, text=True, check=True
     ).stdout.strip()
