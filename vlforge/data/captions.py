@@ -28,12 +28,9 @@ import numpy as np
 from vlforge.data.examples import (
     EvalSplit,
     ImageText,
-    PairCollate,
     clean_caption,
-    data_config_of,
+    image_text_parts,
     load_image,
-    resolve_collate,
-    tokenizer_of,
 )
 from vlforge.data.sharded import BadSample, StreamingSource
 from vlforge.data.transforms import ImagePipeline, sample_seed
@@ -110,13 +107,7 @@ class CaptionsSource(StreamingSource):
 
     @classmethod
     def from_context(cls, config: CaptionsConfig, ctx: BuildContext) -> CaptionsSource:
-        data_config = data_config_of(ctx, "captions")
-        return cls(
-            config,
-            train_pipeline=ImagePipeline(config.image, data_config, train=True),
-            eval_pipeline=ImagePipeline(config.image, data_config, train=False),
-            collate=resolve_collate(config.collate, ctx, PairCollate(tokenizer_of(ctx))),
-        )
+        return cls(config, **image_text_parts(config, ctx, "captions"))
 
     # ------------------------------------------------------------------ streaming
 

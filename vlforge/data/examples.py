@@ -106,6 +106,16 @@ def data_config_of(ctx: BuildContext, dataset: str) -> dict[str, Any]:
     return vision.data_config
 
 
+def image_text_parts(config: Any, ctx: BuildContext, dataset: str) -> dict[str, Any]:
+    """Train/eval image pipelines and the pair collate every image-text source builds the same way."""
+    data_config = data_config_of(ctx, dataset)
+    return {
+        "train_pipeline": ImagePipeline(config.image, data_config, train=True),
+        "eval_pipeline": ImagePipeline(config.image, data_config, train=False),
+        "collate": resolve_collate(config.collate, ctx, PairCollate(tokenizer_of(ctx))),
+    }
+
+
 class EvalSplit(Dataset):
     """A held-out split in memory as raw samples, decoded on access with the eval pipeline."""
 

@@ -16,12 +16,9 @@ from typing import TYPE_CHECKING, Any
 from vlforge.data.examples import (
     EvalSplit,
     ImageText,
-    PairCollate,
     clean_caption,
-    data_config_of,
+    image_text_parts,
     load_image,
-    resolve_collate,
-    tokenizer_of,
 )
 from vlforge.data.sharded import (
     BadSample,
@@ -63,13 +60,7 @@ class WebDatasetSource(StreamingSource):
 
     @classmethod
     def from_context(cls, config: WebDatasetConfig, ctx: BuildContext) -> WebDatasetSource:
-        data_config = data_config_of(ctx, "webdataset")
-        return cls(
-            config,
-            train_pipeline=ImagePipeline(config.image, data_config, train=True),
-            eval_pipeline=ImagePipeline(config.image, data_config, train=False),
-            collate=resolve_collate(config.collate, ctx, PairCollate(tokenizer_of(ctx))),
-        )
+        return cls(config, **image_text_parts(config, ctx, "webdataset"))
 
     # ------------------------------------------------------------------ streaming
 
