@@ -8,7 +8,7 @@ trains, and rank 0 closes the run directory and refreshes the index.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 EXIT_CODES = {"completed": 0, "failed": 1, "preempted": 3, "interrupted": 130}
 
@@ -22,7 +22,6 @@ class RunJob:
     run_id: str
     resume: bool = False
     extra_plugins: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)  # extra environment for the ranks
 
     @property
     def run_dir(self) -> str:
@@ -44,7 +43,6 @@ def init_process_group() -> None:
 
 def run_job(job: RunJob) -> str:
     """Train ``job`` on this rank; returns the run status."""
-    os.environ.update(job.env)
     init_process_group()
     from vlforge import checkpoint as ckpt
     from vlforge import distributed as dist
