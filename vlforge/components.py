@@ -118,6 +118,19 @@ class EvaluatorLike(Protocol):
     def evaluate(self, model: VLModel, ctx: BuildContext) -> dict[str, float]: ...
 
 
+@runtime_checkable
+class ShardUnitsLike(Protocol):
+    """Any model part (encoder, adapter, fusion, objective, teacher) may name its shard units.
+
+    ``shard_units()`` returns sub-modules in forward order (a ViT's blocks, a BERT's layers):
+    FSDP shards each one by itself, then the root; ``train.compile`` compiles each one.
+    Modules whose weights are tied (shared embeddings) must sit in one unit. A part that
+    does not define it is sharded with the root.
+    """
+
+    def shard_units(self) -> list[nn.Module]: ...
+
+
 @dataclass
 class BuildContext:
     """What a factory may use to build its component.

@@ -112,6 +112,17 @@ class ScheduleSection(Section):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # final lr as a fraction of the peak
 
 
+class DDPSection(Section):
+    """DistributedDataParallel options (``train.parallel = "ddp"``)."""
+
+    gradient_as_bucket_view: bool = True  # gradients are views into the all-reduce buckets: one copy less
+    static_graph: bool = False  # the same parameters take part in every step: more overlap
+    grad_compression: Literal["none", "bf16"] = "none"  # all-reduce gradients in bf16: half the bytes
+    # Broadcast buffers from rank 0 before every forward. Off by default: vlforge's buffers are
+    # constant or updated identically on every rank (ALBEF's queues take gathered features).
+    broadcast_buffers: bool = False
+
+
 class TrainSection(Section):
     steps: int = Field(..., gt=0)  # optimizer steps
     batch_size: int = Field(..., gt=0)  # global: all ranks and all accumulation micro-batches
@@ -124,6 +135,16 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, gt=0)
     num_workers: int = Field(0, ge=0)
     progress: bool = True
+    # How ranks hold the model: "ddp" replicates it; "fsdp" shards parameters, gradients and
+    # optimizer state with FSDP2 (fully_shard) over each component's shard units.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    frozen_dtype: Literal["fp32", "bf16"] = "fp32"  # storage dtype of frozen parameters
+    compile: bool = False  # torch.compile each shard unit (a block)
+    ddp: DDPSection = Field(default_factory=DDPSection)
+    # Checkpoints: written while training goes on (at most one save in flight); frozen
+    # parameters that come from a pretrained source are reloaded from it unless included.
+    async_checkpoint: bool = False
+    checkpoint_frozen: bool = False
 
 
 class LaunchSection(Section):
@@ -138,6 +159,7 @@ class LaunchSection(Section):
     profile: str | None = None
     time_limit: str | int | None = None
     max_requeues: int = Field(3, ge=0)
+    collective_timeout_s: int = Field(1800, gt=0)  # a collective that waits longer fails the run
 
     @property
     def processes_per_node(self) -> int:
