@@ -8,9 +8,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: quickstart test lint bench slurm-dev
 
-$(STAMP): pyproject.toml requirements/ci.txt
+$(STAMP): pyproject.toml requirements/ci.txt requirements/peers-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements/ci.txt -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/peers-nodeps.txt
 	touch $(STAMP)
 
 quickstart: $(STAMP)
