@@ -48,6 +48,7 @@ def run_job(job: RunJob) -> str:
     from vlforge import distributed as dist
     from vlforge.engine import Trainer
     from vlforge.recipe import load_recipe
+    from vlforge.results.diskfull import DiskFullError, disk_full_message, is_disk_full
 
     recipe, plugins = load_recipe(job.recipe_path, job.overrides, job.extra_plugins)
     run = _open_run(job, recipe) if dist.rank() == 0 else None
@@ -60,6 +61,11 @@ def run_job(job: RunJob) -> str:
         status = trainer.fit()
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
+        if is_disk_full(exc):  # one message naming the disk and the path, no traceback
+            reason = f"disk full: {disk_full_message(exc, job.run_dir)}"
+            raise DiskFullError(
+                f"{reason}; free space there, then continue with `vlforge run RECIPE --resume {job.run_id}`"
+            ) from exc
         raise
     finally:
         if run is not None:

@@ -19,9 +19,8 @@ import json
 import os
 import re
 import shutil
-import socket
+import sys
 import tempfile
-import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -38,6 +37,8 @@ import pyarrow.json as pjson
 from fsspec.implementations.local import LocalFileSystem
 
 from vlforge.errors import UserError, VlforgeError
+from vlforge.results.diskfull import disk_full_is_an_error, is_disk_full
+from vlforge.results.locks import FileLock, LockHeldError, describe
 from vlforge.results.rundir import TMP_SUFFIX, to_url, url_join
 
 INDEX_NAME = "index.duckdb"
@@ -166,7 +167,27 @@ def build_index(
     if not fs.isdir(root_path):
         raise UserError(f"no runs root at {root}: nothing to index (give --runs-root or set VLFORGE_RUNS)")
     index_path = url_join(root_path, INDEX_NAME)
-    with index_lock(fs, index_path + LOCK_SUFFIX, lock_timeout), _working_copy(fs, index_path, rebuild) as db:
+    index_url = to_url(fs, index_path)
+    with disk_full_is_an_error(index_url), index_lock(fs, index_path + LOCK_SUFFIX, lock_timeout):
+        try:
+            _build_into(fs, root_path, index_path, rebuild, stale_after)
+        except duckdb.Error as e:
+            if rebuild or is_disk_full(e):
+                raise
+            # The run directories are the truth: a damaged index is rebuilt from them.
+            print(
+                f"vlforge: warning: the index {index_url} is damaged ({first_line(e)}); rebuilding it "
+                "from the run directories",
+                file=sys.stderr,
+            )
+            _build_into(fs, root_path, index_path, True, stale_after)
+    return index_url
+
+
+def _build_into(
+    fs: fsspec.AbstractFileSystem, root_path: str, index_path: str, rebuild: bool, stale_after: float
+) -> None:
+    with _working_copy(fs, index_path, rebuild) as db:
         con = duckdb.connect(db)
         try:
             _update(con, fs, scan(fs, root_path), stale_after)
@@ -178,7 +199,11 @@ def build_index(
             con.execute("CHECKPOINT")
         finally:
             con.close()
-    return to_url(fs, index_path)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # -- scanning the runs root -------------------------------------------------------------------
@@ -666,63 +691,19 @@ def index_lock(
 ) -> Iterator[None]:
     """Hold ``index.duckdb.lock`` while writing the index; wait up to ``timeout`` s for it.
 
-    A lock left by a dead process on this host is taken over. On object stores, which have no
-    exclusive create, the lock is advisory (check, write, read back).
+    A lock whose holder process is dead on this host, or that is empty (a crash, a full disk), is
+    taken over at once (see :mod:`vlforge.results.locks`).
     """
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(UTC).isoformat()}
-    deadline = time.monotonic() + timeout
-    while not _try_lock(fs, lock_path, me):
-        holder = _read_lock(fs, lock_path)
-        if _holder_is_dead(holder):
-            fs.rm_file(lock_path)
-            continue
-        if time.monotonic() >= deadline:
-            who = (
-                f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
-                if holder
-                else "?"
-            )
-            raise IndexLockedError(
-                f"the index is being written by another indexer ({who}): {lock_path} is still held after "
-                f"{timeout:.0f} s. Wait for it to finish, or delete the lock file if that process is gone."
-            )
-        time.sleep(poll)
+    lock = FileLock(fs, lock_path)
+    try:
+        lock.acquire(timeout, poll)
+    except LockHeldError as e:
+        raise IndexLockedError(
+            f"the index is being written by another indexer ({describe(e.holder)}): {lock_path} is "
+            f"still held after {timeout:.0f} s. Wait for it to finish, or delete the lock file if that "
+            "process is gone."
+        ) from None
     try:
         yield
     finally:
-        fs.rm_file(lock_path)
-
-
-def _try_lock(fs: fsspec.AbstractFileSystem, lock_path: str, me: dict[str, Any]) -> bool:
-    data = json.dumps(me).encode()
-    if isinstance(fs, LocalFileSystem):
-        try:
-            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
-    if fs.exists(lock_path):
-        return False
-    fs.pipe_file(lock_path, data)
-    return _read_lock(fs, lock_path) == me
-
-
-def _read_lock(fs: fsspec.AbstractFileSystem, lock_path: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(fs.cat_file(lock_path))
-    except (FileNotFoundError, json.JSONDecodeError):  # gone, or its holder is still writing it
-        return None
-
-
-def _holder_is_dead(holder: dict[str, Any] | None) -> bool:
-    if not holder or holder.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, owned by someone else
-        return False
-    return False
+        lock.release()

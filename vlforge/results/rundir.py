@@ -10,6 +10,7 @@ Layout of ``<root>/<experiment>/<run_id>/`` (see docs/results.md)::
                        <first step>-<last step>-<uuid8>.jsonl
     evals/*.jsonl      {"step", "evaluator", "dataset", "metric", "value", "time"} rows, likewise
     checkpoints/       written by the engine (``step_00000100.pt``); only listed here
+    run.lock           held by the live writer (pid, host, heartbeat): one attempt at a time
 
 Every file is written whole under a temporary name and then renamed, so a reader (the indexer) sees
 either the previous version or the new one, never half a file, and object stores (which cannot
@@ -19,6 +20,7 @@ everything up to its last flush readable, and the indexer can ingest chunks incr
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import importlib.metadata
 import json
@@ -38,6 +40,10 @@ from typing import Any, Literal
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from vlforge.errors import UserError
+from vlforge.results.diskfull import DiskFullError, disk_full_message, is_disk_full
+from vlforge.results.locks import FileLock, LockHeldError, describe
+
 Status = Literal["running", "completed", "failed", "interrupted", "preempted"]
 STATUSES: tuple[str, ...] = ("running", "completed", "failed", "interrupted", "preempted")
 
@@ -56,6 +62,14 @@ _SLURM_VARS = (
     "SLURM_RESTART_COUNT",
 )
 TMP_SUFFIX = ".tmp"  # readers skip names ending in this: they are files being written
+RUN_LOCK = "run.lock"
+# A run lock whose holder (on another host) has not beaten for this long is taken over; the
+# writer beats at every status write, at least every few minutes while it trains.
+RUN_LOCK_STALE_S = 600.0
+
+
+class RunLockedError(UserError):
+    """Another live process is writing this run (a second ``--resume`` of it, for instance)."""
 
 
 def resolve_root(cli_value: str | None = None) -> str:
@@ -83,7 +97,13 @@ def url_join(base: str, *parts: str) -> str:
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
     tmp = f"{path}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
-    fs.pipe_file(tmp, data)
+    try:
+        fs.pipe_file(tmp, data)
+    except OSError as e:
+        # A part written on a full disk holds space that the final status write needs.
+        if fs.exists(tmp):
+            fs.rm_file(tmp)
+        raise OSError(e.errno, e.strerror, path) from e
     if isinstance(fs, LocalFileSystem):
         os.replace(tmp, path)  # atomic on POSIX, also when ``path`` exists
     else:
@@ -128,6 +148,7 @@ class RunWriter:
         self._last_flush = time.monotonic()
         self._last_status_write = -math.inf
         self._closed = False
+        self._lock = FileLock(fs, url_join(path, RUN_LOCK), stale_after=RUN_LOCK_STALE_S)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -177,6 +198,7 @@ class RunWriter:
             "attempts": [],
         }
         writer = cls(fs, path, status, flush_every=flush_every, flush_seconds=flush_seconds)
+        writer._take_lock()
         writer._write("recipe.toml", recipe_toml.encode())
         writer._write("config.json", _dumps(config, indent=2))
         writer._start_attempt(world_size, hosts)
@@ -199,13 +221,26 @@ class RunWriter:
         """
         fs, path = fsspec.core.url_to_fs(run_dir)
         status = read_json(fs, url_join(path, "status.json"))
+        writer = cls(fs, path, status, flush_every=flush_every, flush_seconds=flush_seconds)
+        writer._take_lock()  # before anything is written: a second attempt must change nothing
+        writer._status = status = read_json(fs, url_join(path, "status.json"))  # as the lock holder saw it
         status.update(status="running", reason=None, end_time=None)
         hosts = hosts or [socket.gethostname()]
         world_size = world_size or status["world_size"]
         status.update(world_size=world_size, hosts=hosts)
-        writer = cls(fs, path, status, flush_every=flush_every, flush_seconds=flush_seconds)
         writer._start_attempt(world_size, hosts)
         return writer
+
+    def _take_lock(self) -> None:
+        try:
+            self._lock.acquire(timeout=0)
+        except LockHeldError as e:
+            raise RunLockedError(
+                f"run {self._status['run_id']} is already being trained ({describe(e.holder)}): a second "
+                f"attempt would write into the same directory {self.run_dir}. Wait for it to end or stop "
+                f"it; its lock {self._lock.path} is taken over once that process is gone (or, on another "
+                f"host, has not beaten for {RUN_LOCK_STALE_S:.0f} s)."
+            ) from None
 
     def _start_attempt(self, world_size: int, hosts: list[str]) -> None:
         job_id = slurm_job_id()
@@ -277,12 +312,31 @@ class RunWriter:
         self._write_status()
 
     def close(self, status: Status = "completed", reason: str | None = None) -> None:
-        """Flush and record the final status. Closing twice is a no-op."""
+        """Flush and record the final status, then release the run lock. Closing twice is a no-op.
+
+        If the last rows cannot be written (a full disk), the status still says so: ``failed``
+        with the reason; that error is raised only when the run was otherwise ``completed``.
+        """
         if self._closed:
             return
-        self.flush()
+        try:
+            self.flush()
+            lost = None
+        except OSError as e:
+            lost = e
+        if lost is not None:
+            cause = (
+                f"disk full: {disk_full_message(lost, self.run_dir)}"
+                if is_disk_full(lost)
+                else f"{type(lost).__name__}: {lost}"
+            )
+            raise_lost = status == "completed"
+            status, reason = "failed", reason or cause
         self.set_status(status, reason)
         self._closed = True
+        self._lock.release()
+        if lost is not None and raise_lost:
+            raise (DiskFullError(cause) if is_disk_full(lost) else lost) from lost
 
     def __enter__(self) -> RunWriter:
         return self
@@ -321,7 +375,20 @@ class RunWriter:
     def _write_status(self) -> None:
         self._last_status_write = time.monotonic()
         self._status["heartbeat"] = utc_now()
-        self._write("status.json", _dumps(self._status, indent=2))
+        data = _dumps(self._status, indent=2)
+        try:
+            self._write("status.json", data)
+        except OSError as e:
+            if not (is_disk_full(e) and isinstance(self._fs, LocalFileSystem)):
+                raise
+            # No room for a new file: rewrite the old one in the blocks it already has, so that the
+            # status still says how the run ended (not atomic, but better than a stale "running").
+            with open(url_join(self._path, "status.json"), "r+b") as f:
+                f.write(data)
+                f.truncate()
+        if not self._closed:
+            with contextlib.suppress(OSError):  # a missed beat only delays a take-over
+                self._lock.beat()
 
     def _write(self, relpath: str, data: bytes) -> None:
         write_atomic(self._fs, url_join(self._path, relpath), data)
