@@ -128,6 +128,8 @@ class RunWriter:
         self._last_flush = time.monotonic()
         self._last_status_write = -math.inf
         self._closed = False
+        # Trackers mirroring what this writer writes (vlforge.sinks.fanout.SinkSet), if any.
+        self.sinks: Any = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -272,6 +274,8 @@ class RunWriter:
         """Write buffered rows as new chunk files, then the heartbeat."""
         self._write_chunk("metrics", self._metrics)
         self._write_chunk("evals", self._evals)
+        if self.sinks is not None:
+            self.sinks.send(self._metrics, self._evals)
         self._metrics, self._evals = [], []
         self._last_flush = time.monotonic()
         self._write_status()
@@ -283,6 +287,8 @@ class RunWriter:
         self.flush()
         self.set_status(status, reason)
         self._closed = True
+        if self.sinks is not None:
+            self.sinks.close(status)
 
     def __enter__(self) -> RunWriter:
         return self
