@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--dry-run", action="store_true", help="build on the meta device and print the plan")
     run.add_argument("--launcher", choices=["local", "slurm"], help="override launch.launcher")
+    run.add_argument(
+        "--follow", action="store_true", help="Slurm: after submitting, show the run's log until it ends"
+    )
     run.set_defaults(func=cmd_run)
 
     for name, func, text in [
@@ -168,7 +171,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             recipe, _ = load_recipe(job.recipe_path, launch, tuple(args.plugin))
             plan = plan_launch(recipe, job.recipe_path, root)
             ensure_fits(plan, job.recipe_path)
-        print_submissions(submit(plan, [PlannedRun(job, recipe)], root), plan)
+        (record,) = submit(plan, [PlannedRun(job, recipe)], root)
+        print_submissions([record], plan)
+        if args.follow:
+            from vlforge.launch.follow import follow_run
+
+            return EXIT_CODES.get(follow_run(record.run_dir, job_id=record.job_id) or "failed", 1)
         return 0
     from vlforge.launch.local import launch_local
 

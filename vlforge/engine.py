@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,8 @@ from vlforge.errors import RunFailed
 from vlforge.model import Progress, VLModel, build_component, build_model
 from vlforge.plugins import Plugins
 from vlforge.recipe import OptimSection, Recipe, ScheduleSection
+from vlforge.runlog import progress_line
+from vlforge.steptimer import StepTimer
 
 STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR2: "preempted"}
 
@@ -149,6 +153,7 @@ class Trainer:
         self.device = select_device()
         self.autocast = autocast_for(self.device, recipe.train.precision)
         self.stop_status: str | None = None
+        self.timer = StepTimer(self.device)  # system metrics, read at log steps
         train = recipe.train
         world = dist.world_size()
         self.micro_batch = train.batch_size // (world * train.accum_steps)
@@ -242,13 +247,17 @@ class Trainer:
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step over ``accum_steps`` micro-batches; returns detached mean losses."""
         state, accum = self.state, self.recipe.train.accum_steps
+        self.timer.begin_step()
         self.plugins.call("vlforge_step_start", state=state)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            batch = to_device(self.stream.next(), self.device)
+            with self.timer.phase("data"):
+                host_batch = self.stream.next()
+                self.timer.count(host_batch)
+                batch = to_device(host_batch, self.device)
             last = micro == accum - 1
             sync = nullcontext() if last or state.world_size == 1 else self.wrapped.no_sync()
-            with sync:
+            with sync, self.timer.phase("compute"):
                 with self.autocast():
                     loss, terms = self.wrapped(batch, self.progress)
                 (loss / accum).backward()
@@ -256,17 +265,19 @@ class Trainer:
                 sums[name] = sums.get(name, 0) + value.detach().float() / accum
         self.plugins.call("vlforge_after_forward", state=state, losses=sums)
         self.plugins.call("vlforge_after_backward", state=state)
-        if self.recipe.train.grad_clip:
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.recipe.train.grad_clip
-            )
-        state.optimizer.step()
-        state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
+        with self.timer.phase("optimizer"):
+            if self.recipe.train.grad_clip:
+                sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), self.recipe.train.grad_clip
+                )
+            state.optimizer.step()
+            state.scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
         self.progress.samples_seen += self.recipe.train.batch_size
         self.progress.epoch = self.stream.epoch
         self.plugins.call("vlforge_after_optimizer_step", state=state)
+        self.timer.end_step()
         return sums
 
     def should_stop(self, loss: torch.Tensor) -> tuple[bool, bool]:
@@ -302,6 +313,7 @@ class Trainer:
         metrics["train/lr"] = self.state.optimizer.param_groups[0]["lr"]
         metrics["train/samples_per_s"] = samples / max(seconds, 1e-9)
         metrics["train/epoch"] = float(self.progress.epoch)
+        metrics |= self.timer.read()
         if self.run is not None:
             self.plugins.call("vlforge_log", state=self.state, metrics=metrics)
             self.run.log_metrics(self.progress.step, metrics)  # its periodic flush is the heartbeat
@@ -320,6 +332,7 @@ class Trainer:
         previous = self._install_signal_handlers()
         try:
             window = (time.perf_counter(), self.progress.samples_seen)
+            started = (window[0], self.progress.step)
             while self.progress.step < train.steps:
                 sums = self.train_step()
                 stop, nonfinite = self.should_stop(sums["loss"])
@@ -329,6 +342,7 @@ class Trainer:
                 if step % train.log_every == 0 or step == train.steps:
                     metrics = self.log(sums, window)
                     window = (time.perf_counter(), self.progress.samples_seen)
+                    self._progress_line(metrics, started, bar)
                     bar.set_postfix(
                         loss=f"{metrics['train/loss']:.4f}",
                         lr=f"{metrics['train/lr']:.2e}",
@@ -354,6 +368,19 @@ class Trainer:
             self._restore_signal_handlers(previous)
             self.plugins.call("vlforge_run_end", state=self.state, status=status)
         return status
+
+    def _progress_line(self, metrics: dict[str, float], started: tuple[float, int], bar: Any) -> None:
+        """``step 10/100 loss=… lr=… samples/s=… eta=…``: into log.txt, and printed without a bar."""
+        if self.state.rank != 0:
+            return
+        done, total = self.progress.step, self.recipe.train.steps
+        per_step = (time.perf_counter() - started[0]) / max(done - started[1], 1)
+        eta = timedelta(seconds=round(per_step * (total - done)))
+        text = (
+            f"step {done}/{total} loss={metrics['train/loss']:.4f} lr={metrics['train/lr']:.3e} "
+            f"samples/s={metrics['train/samples_per_s']:.1f} eta={eta}"
+        )
+        progress_line(text, to_terminal=bar.disable or not sys.stderr.isatty())
 
     def _nonfinite_message(self, sums: dict[str, torch.Tensor]) -> str:
         terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(sums.items()))

@@ -193,6 +193,9 @@ class Recipe(Section):
     objectives: dict[str, ObjectiveTable] = Field(default_factory=dict)
     data: ComponentTable
     evaluators: dict[str, ComponentTable] = Field(default_factory=dict)
+    # Trackers the run also reports to (``[sinks.<name>] type = "tensorboard"|"wandb"|"mlflow"``);
+    # the run directory and its index stay the record (docs/watching.md).
+    sinks: dict[str, ComponentTable] = Field(default_factory=dict)
     optim: OptimSection = Field(default_factory=OptimSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     train: TrainSection
@@ -212,6 +215,7 @@ class Recipe(Section):
         ]
         tables += [(f"objectives.{n}", "objective", t) for n, t in self.objectives.items()]
         tables += [(f"evaluators.{n}", "evaluator", t) for n, t in self.evaluators.items()]
+        tables += [(f"sinks.{n}", "sink", t) for n, t in self.sinks.items()]
         return [(key, kind, table) for key, kind, table in tables if table is not None]
 
     def resolved(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """CLI subcommands of this package (added to `vlforge` by vlforge.cli; keep imports light).
 
 ``vlforge sweep`` (a job array of runs), ``vlforge status`` (recent Slurm jobs with their
-runs) and ``vlforge cancel``. ``vlforge run --launcher slurm`` itself lives in vlforge.cli.
+runs), ``vlforge cancel`` and ``vlforge logs`` (a run's log.txt, ``-f`` to follow it).
+``vlforge run --launcher slurm`` itself lives in vlforge.cli.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     runs_root_option(cancel)
     cancel.add_argument("--now", action="store_true", help="scancel at once, without a last checkpoint")
     cancel.set_defaults(func=_cancel)
+
+    logs = subparsers.add_parser("logs", help="a run's log.txt (rank 0's output); -f follows it")
+    logs.add_argument("run", help="run id or run directory")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+    runs_root_option(logs)
+    logs.set_defaults(func=_logs)
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -63,3 +70,12 @@ def _cancel(args: argparse.Namespace) -> int:
     for line in cancel(resolve_root(args.runs_root), args.refs, now=args.now):
         print(f"vlforge: {line}")
     return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from vlforge.cli import find_run
+    from vlforge.launch.follow import follow_run
+    from vlforge.results.rundir import resolve_root
+
+    status = follow_run(find_run(resolve_root(args.runs_root), "", "", args.run), follow=args.follow)
+    return 0 if status in (None, "running", "completed") else 1

@@ -2,15 +2,20 @@
 
 A ``RunJob`` is small and picklable: each rank re-reads the recipe itself
 (plugins are process-local), joins the process group from its environment,
-trains, and rank 0 closes the run directory and refreshes the index.
+trains, and rank 0 closes the run directory and refreshes the index. Rank 0 also keeps the
+run's ``log.txt`` and starts its sinks (trackers).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 EXIT_CODES = {"completed": 0, "failed": 1, "preempted": 3, "interrupted": 130}
+# Rank 0 writes buffered metrics at the first log step this long after the last write: a log
+# interval's rows reach the run directory (and so `vlforge query`) within about one interval.
+LIVE_FLUSH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,36 +54,49 @@ def run_job(job: RunJob) -> str:
     from vlforge.engine import Trainer
     from vlforge.recipe import load_recipe
     from vlforge.results.diskfull import DiskFullError, disk_full_message, is_disk_full
+    from vlforge.runlog import RunLog, progress_line
 
     recipe, plugins = load_recipe(job.recipe_path, job.overrides, job.extra_plugins)
-    run = _open_run(job, recipe) if dist.rank() == 0 else None
+    run = _open_run(job, recipe, plugins) if dist.rank() == 0 else None
     status, reason = "failed", None
-    try:
-        trainer = Trainer(recipe, plugins, job.run_dir, run)
-        latest = ckpt.latest_checkpoint(job.run_dir) if job.resume else None
-        if latest:
-            trainer.restore(latest)
-        status = trainer.fit()
-    except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        if is_disk_full(exc):  # one message naming the disk and the path, no traceback
-            reason = f"disk full: {disk_full_message(exc, job.run_dir)}"
-            raise DiskFullError(
-                f"{reason}; free space there, then continue with `vlforge run RECIPE --resume {job.run_id}`"
-            ) from exc
-        raise
-    finally:
-        if run is not None:
-            run.close(status, reason)
-            _refresh_index(job.root)
-        if dist.is_distributed():
-            import torch.distributed
+    with RunLog(job.run_dir) if run is not None else nullcontext():
+        try:
+            trainer = Trainer(recipe, plugins, job.run_dir, run)
+            latest = ckpt.latest_checkpoint(job.run_dir) if job.resume else None
+            if latest:
+                trainer.restore(latest)
+            status = trainer.fit()
+        except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if is_disk_full(exc):  # one message naming the disk and the path, no traceback
+                reason = f"disk full: {disk_full_message(exc, job.run_dir)}"
+                resume = f"vlforge run RECIPE --resume {job.run_id}"
+                raise DiskFullError(f"{reason}; free space there, then continue with `{resume}`") from exc
+            raise
+        finally:
+            if run is not None:
+                # The status line first: `vlforge logs -f` stops once status.json says the run ended.
+                progress_line(
+                    f"vlforge: run {job.run_id} {status}" + (f" ({reason})" if reason else ""), False
+                )
+                run.close(status, reason)
+                _refresh_index(job.root)
+            if dist.is_distributed():
+                import torch.distributed
 
-            torch.distributed.destroy_process_group()
+                torch.distributed.destroy_process_group()
     return status
 
 
-def _open_run(job: RunJob, recipe):
+def _open_run(job: RunJob, recipe, plugins):
+    from vlforge.sinks.fanout import open_sinks
+
+    run = _open_writer(job, recipe)
+    run.sinks = open_sinks(recipe, plugins, run)
+    return run
+
+
+def _open_writer(job: RunJob, recipe):
     import fsspec
 
     from vlforge.results.rundir import RunWriter
@@ -87,7 +105,9 @@ def _open_run(job: RunJob, recipe):
     # directory had a status: then this attempt is the run's first.
     fs, path = fsspec.core.url_to_fs(job.run_dir)
     if job.resume and fs.exists(f"{path}/status.json"):
-        return RunWriter.open(job.run_dir, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        return RunWriter.open(
+            job.run_dir, world_size=int(os.environ.get("WORLD_SIZE", "1")), flush_seconds=LIVE_FLUSH_S
+        )
     return RunWriter.create(
         job.root,
         job.experiment,
@@ -96,6 +116,7 @@ def _open_run(job: RunJob, recipe):
         recipe_toml=recipe.to_toml(),
         config=recipe.resolved(),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        flush_seconds=LIVE_FLUSH_S,
     )
 
 

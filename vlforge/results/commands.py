@@ -9,11 +9,21 @@ def runs_root_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-root", help="runs root (any fsspec URL); default $VLFORGE_RUNS or ./runs")
 
 
+def refresh_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-refresh",
+        dest="refresh",
+        action="store_false",
+        help="read the index as it is, without ingesting what runs wrote since (docs/watching.md)",
+    )
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     runs = subparsers.add_parser("runs", help="list runs in the index")
     runs_root_option(runs)
     runs.add_argument("--where", help="SQL condition on the runs table, e.g. \"status = 'failed'\"")
     runs.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    refresh_option(runs)
     runs.set_defaults(func=cmd_runs)
 
     query = subparsers.add_parser("query", help="run a read-only SQL query on the index")
@@ -21,6 +31,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     runs_root_option(query)
     query.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     query.add_argument("-o", "--output", help="file for --format parquet")
+    refresh_option(query)
     query.set_defaults(func=cmd_query)
 
     index = subparsers.add_parser("index", help="ingest run directories into <root>/index.duckdb")
@@ -33,22 +44,33 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     compare.add_argument("runs", nargs="+", help="run ids (or unique prefixes)")
     runs_root_option(compare)
+    refresh_option(compare)
     compare.set_defaults(func=cmd_compare)
 
-    plot = subparsers.add_parser("plot", help="curves of a metric for several runs, to PNG")
-    plot.add_argument("metric", help="metric name, e.g. train/loss")
+    plot = subparsers.add_parser(
+        "plot", help="curves of a train or eval metric for runs, to PNG (default: the latest run)"
+    )
+    plot.add_argument("metric", help="metric name, e.g. train/loss or retrieval/i2t_r1")
     plot.add_argument("--runs", nargs="+", default=None, help="run ids (or unique prefixes)")
     plot.add_argument("--where", help="SQL condition on the runs table")
+    plot.add_argument("--recipe", help="all runs of this recipe (its name)")
+    plot.add_argument("--label", help="recipe key whose value labels each curve, e.g. optim.lr")
     plot.add_argument("--smoothing", type=float, default=0.0, help="EMA weight in [0, 1)")
     plot.add_argument("-o", "--output", default="curves.png")
     runs_root_option(plot)
+    refresh_option(plot)
     plot.set_defaults(func=cmd_plot)
 
 
 def _root(args: argparse.Namespace) -> str:
     from vlforge.results.rundir import resolve_root
 
-    return resolve_root(getattr(args, "runs_root", None) or getattr(args, "root", None))
+    root = resolve_root(getattr(args, "runs_root", None) or getattr(args, "root", None))
+    if getattr(args, "refresh", False):
+        from vlforge.results.live import refresh_index
+
+        refresh_index(root)
+    return root
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -86,13 +108,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from vlforge.errors import UserError
     from vlforge.results.queries import plot_metric
 
-    if not args.runs and not args.where:
-        raise UserError("name the runs to plot with --runs ID... and/or --where SQL")
     lines = plot_metric(
-        _root(args), args.metric, args.output, run_ids=args.runs, where=args.where, smoothing=args.smoothing
+        _root(args),
+        args.metric,
+        args.output,
+        run_ids=args.runs,
+        where=args.where,
+        recipe=args.recipe,
+        label=args.label,
+        smoothing=args.smoothing,
     )
     print(f"vlforge: {lines} curve(s) of {args.metric} written to {args.output}")
     return 0

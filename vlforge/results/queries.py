@@ -305,10 +305,17 @@ def plot_metric(
     *,
     run_ids: list[str] | None = None,
     where: str | None = None,
+    recipe: str | None = None,
+    label: str | None = None,
     smoothing: float = 0.0,
 ) -> int:
-    """``vlforge plot``: curves of ``metric`` for the given runs and/or those matching ``where``
-    (every run that logged it if neither is given) on one figure, written to ``out_png``.
+    """``vlforge plot``: curves of ``metric`` on one figure, written to ``out_png``.
+
+    ``metric`` is a train metric (``train/loss``) or an eval one, named as ``vlforge compare``
+    shows it (``retrieval/i2t_r1``, ``zeroshot/imagenet/top1``; an ``eval/`` prefix is allowed).
+    The runs: those given, and/or those matching ``where``, and/or all runs of ``recipe``; with
+    none of these, the latest run (by start time) that logged ``metric``. ``label`` names a
+    recipe key (``optim.lr``) whose value labels each curve instead of the run id.
     ``smoothing`` in [0, 1) is the weight of an exponential moving average (as TensorBoard's
     slider). Returns the number of lines drawn.
     """
@@ -317,41 +324,89 @@ def plot_metric(
     con = connect(root)
     try:
         ids = resolve_run_ids(con, run_ids) if run_ids else None
-        curves = _curves(con, metric, ids, where)
+        curves = _curves(con, metric, ids, where, recipe)
         if not curves:
-            names = [n for (n,) in con.execute("SELECT DISTINCT name FROM metrics ORDER BY name").fetchall()]
+            names = [n for (n,) in con.execute(f"{_CURVE_NAMES} ORDER BY name").fetchall()]
             raise QueryError(f"no run selected has logged '{metric}' (metrics: {', '.join(names) or 'none'})")
+        if not (ids or where or recipe):
+            curves = dict([max(curves.items(), key=lambda item: item[1][2])])  # the latest run
+        labels = _labels(con, list(curves), label)
     finally:
         con.close()
-    _draw(curves, metric, out_png, smoothing)
+    _draw(
+        {labels[run]: (steps, values) for run, (steps, values, _) in curves.items()},
+        metric,
+        out_png,
+        smoothing,
+    )
     return len(curves)
 
 
+# Train and eval rows under one name each: eval metrics as `vlforge compare` names them.
+_CURVE_ROWS = """SELECT run_id, name, step, value FROM metrics
+    UNION ALL SELECT run_id, concat_ws('/', evaluator, nullif(dataset, ''), metric), step, value FROM evals"""
+_CURVE_NAMES = f"SELECT DISTINCT name FROM ({_CURVE_ROWS})"
+
+
 def _curves(
-    con: duckdb.DuckDBPyConnection, metric: str, ids: list[str] | None, where: str | None
-) -> dict[str, tuple[list[int], list[float]]]:
+    con: duckdb.DuckDBPyConnection,
+    metric: str,
+    ids: list[str] | None,
+    where: str | None,
+    recipe: str | None,
+) -> dict[str, tuple[list[int], list[float], Any]]:
+    """run id -> (steps, values, run start time) of the selected runs that logged ``metric``."""
+    name = metric.removeprefix("eval/") if metric.startswith("eval/") else metric
     sql = (
-        "SELECT run_id, list(step ORDER BY step), list(value ORDER BY step) FROM metrics WHERE name = $metric"
-        + (" AND list_contains($ids, run_id)" if ids else "")
-        + (f" AND run_id IN (SELECT run_id FROM runs WHERE {where})" if where else "")
-        + " GROUP BY run_id ORDER BY run_id"
+        f"SELECT c.run_id, list(step ORDER BY step), list(value ORDER BY step), any_value(r.start_time) "
+        f"FROM ({_CURVE_ROWS}) c JOIN runs r USING (run_id) WHERE c.name IN ($metric, $name)"
+        + (" AND list_contains($ids, c.run_id)" if ids else "")
+        + (" AND r.recipe_name = $recipe" if recipe else "")
+        + (f" AND c.run_id IN (SELECT run_id FROM runs WHERE {where})" if where else "")
+        + " GROUP BY c.run_id ORDER BY c.run_id"
     )
     _refuse_writes(con, sql)
-    params: dict[str, Any] = {"metric": metric} | ({"ids": ids} if ids else {})
-    return {run: (steps, values) for run, steps, values in con.execute(sql, params).fetchall()}
+    params: dict[str, Any] = {"metric": metric, "name": name}
+    params |= ({"ids": ids} if ids else {}) | ({"recipe": recipe} if recipe else {})
+    return {run: (steps, values, start) for run, steps, values, start in con.execute(sql, params).fetchall()}
+
+
+def _labels(con: duckdb.DuckDBPyConnection, run_ids: list[str], key: str | None) -> dict[str, str]:
+    """The legend of each run: ``key=value`` (with the run id where values repeat), or the run id."""
+    if not key:
+        return {run: run for run in run_ids}
+    values = dict(
+        con.execute(
+            "SELECT run_id, value FROM configs WHERE key = $key AND list_contains($ids, run_id)",
+            {"key": key, "ids": run_ids},
+        ).fetchall()
+    )
+    if not values:
+        known = [k for (k,) in con.execute("SELECT DISTINCT key FROM configs ORDER BY key").fetchall()]
+        raise QueryError(f"no plotted run has the recipe key '{key}'{_did_you_mean(key, known)}")
+    labels = {run: f"{key}={values.get(run, '(unset)')}" for run in run_ids}
+    repeated = {text for text in labels.values() if list(labels.values()).count(text) > 1}
+    return {run: f"{text} ({run})" if text in repeated else text for run, text in labels.items()}
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    from vlforge.registry import did_you_mean
+
+    return did_you_mean(word, choices)
 
 
 def _draw(
     curves: dict[str, tuple[list[int], list[float]]], metric: str, out_png: str, smoothing: float
 ) -> None:
+    """One line per entry of ``curves`` (legend label -> steps, values)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for run_id, (steps, values) in curves.items():
-        ax.plot(steps, ema(values, smoothing), label=run_id, linewidth=1.2)
+    for label, (steps, values) in curves.items():
+        ax.plot(steps, ema(values, smoothing), label=label, linewidth=1.2)
     ax.set(xlabel="step", ylabel=metric, title=metric + (f" (EMA {smoothing:g})" if smoothing else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")

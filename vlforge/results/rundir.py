@@ -149,6 +149,8 @@ class RunWriter:
         self._last_status_write = -math.inf
         self._closed = False
         self._lock = FileLock(fs, url_join(path, RUN_LOCK), stale_after=RUN_LOCK_STALE_S)
+        # Trackers mirroring what this writer writes (vlforge.sinks.fanout.SinkSet), if any.
+        self.sinks: Any = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -307,6 +309,8 @@ class RunWriter:
         """Write buffered rows as new chunk files, then the heartbeat."""
         self._write_chunk("metrics", self._metrics)
         self._write_chunk("evals", self._evals)
+        if self.sinks is not None:
+            self.sinks.send(self._metrics, self._evals)
         self._metrics, self._evals = [], []
         self._last_flush = time.monotonic()
         self._write_status()
@@ -335,6 +339,8 @@ class RunWriter:
         self.set_status(status, reason)
         self._closed = True
         self._lock.release()
+        if self.sinks is not None:
+            self.sinks.close(status)
         if lost is not None and raise_lost:
             raise (DiskFullError(cause) if is_disk_full(lost) else lost) from lost
 
