@@ -18,12 +18,28 @@ def refresh_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="stop the query after this long (default 120; 0: no limit)",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help="DuckDB memory limit, e.g. 4GB (default: $VLFORGE_QUERY_MEMORY or a quarter of this machine)",
+    )
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     runs = subparsers.add_parser("runs", help="list runs in the index")
     runs_root_option(runs)
     runs.add_argument("--where", help="SQL condition on the runs table, e.g. \"status = 'failed'\"")
     runs.add_argument("--format", choices=["table", "csv", "json"], default="table")
     refresh_option(runs)
+    limit_options(runs)
     runs.set_defaults(func=cmd_runs)
 
     query = subparsers.add_parser("query", help="run a read-only SQL query on the index")
@@ -32,6 +48,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     query.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     query.add_argument("-o", "--output", help="file for --format parquet")
     refresh_option(query)
+    limit_options(query)
     query.set_defaults(func=cmd_query)
 
     index = subparsers.add_parser("index", help="ingest run directories into <root>/index.duckdb")
@@ -73,10 +90,14 @@ def _root(args: argparse.Namespace) -> str:
     return root
 
 
+def _limits(args: argparse.Namespace) -> dict:
+    return {"timeout": args.timeout, "memory_limit": args.memory_limit}
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from vlforge.results.queries import list_runs
 
-    print(list_runs(_root(args), args.where, args.format))
+    print(list_runs(_root(args), args.where, args.format, **_limits(args)))
     return 0
 
 
@@ -87,9 +108,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.format == "parquet":
         if not args.output:
             raise UserError("--format parquet writes a file: give it with -o FILE.parquet")
-        print(f"vlforge: {write_parquet(_root(args), args.sql, args.output)} rows written to {args.output}")
+        rows = write_parquet(_root(args), args.sql, args.output, **_limits(args))
+        print(f"vlforge: {rows} rows written to {args.output}")
     else:
-        print(query(_root(args), args.sql, args.format))
+        print(query(_root(args), args.sql, args.format, **_limits(args)))
     return 0
 
 

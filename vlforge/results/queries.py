@@ -9,7 +9,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import date, datetime
@@ -20,28 +23,51 @@ import duckdb
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from vlforge.errors import UserError
-from vlforge.results.index import INDEX_NAME, build_index
-from vlforge.results.rundir import url_join
+from vlforge.errors import UserError, VlforgeError
+from vlforge.results.index import INDEX_NAME, build_index, first_line
+from vlforge.results.rundir import TMP_SUFFIX, url_join
 
 Format = Literal["table", "csv", "json"]
 # Statement types `query` runs; everything else is refused before DuckDB sees it.
 _READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA", "CALL"}
-_CATALOG = "vlforge"  # what the index is attached as
 _MAX_CELL = 48  # wider cells are cut in the text table (JSON configs, long reasons)
-_downloads: str | None = None  # local copies of indexes that live on object stores
+_scratch: str | None = None  # local copies of remote indexes, and DuckDB's spill files
+DEFAULT_TIMEOUT_S = 120.0  # a query running longer is stopped (`--timeout`, `timeout=`; 0: none)
+MAX_ROWS = 1_000_000  # rows a text/CSV/JSON result may have: they are held in Python memory
+MEMORY_ENV = "VLFORGE_QUERY_MEMORY"  # DuckDB's memory limit for queries, e.g. "4GB"
 
 
 class QueryError(UserError):
     """A query that failed or was refused; the message is meant for the user as is."""
 
 
-def connect(root: str, *, build: bool = True) -> duckdb.DuckDBPyConnection:
+class QueryInterrupted(VlforgeError):
+    """Ctrl-C stopped a query (through DuckDB's interrupt)."""
+
+    exit_code = 130
+
+
+def default_memory_limit() -> str:
+    """``$VLFORGE_QUERY_MEMORY``, else a quarter of this machine's memory.
+
+    DuckDB's own default is 80 %, which leaves a shared login node or laptop unusable.
+    """
+    if os.environ.get(MEMORY_ENV):
+        return os.environ[MEMORY_ENV]
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return f"{max(total // 4 >> 20, 256)}MiB"
+
+
+def connect(root: str, *, build: bool = True, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     """A read-only DuckDB connection to ``<root>/index.duckdb`` (built first if missing).
 
-    The connection cannot write the index, attach or copy to other files, nor install or load
-    extensions: ``enable_external_access`` is off and the configuration locked. Temporary tables
-    and views (in memory) are allowed. An index on an object store is read from a local copy.
+    The database is opened in read-only mode, so nothing the caller executes can write it, nor
+    any file attached later; ``enable_external_access`` is off (no other files, no COPY … TO, no
+    INSTALL/LOAD) and the configuration is locked so neither can be turned back on. Temporary
+    tables and views (in memory) are allowed. ``memory_limit`` (DuckDB syntax, ``"4GB"``; default
+    :func:`default_memory_limit`) bounds what queries use. A damaged index is rebuilt from the run
+    directories (``build=False``: :class:`QueryError`). An index on an object store is read from
+    a local copy.
     """
     fs, root_path = fsspec.core.url_to_fs(root)
     index_path = url_join(root_path, INDEX_NAME)
@@ -49,22 +75,68 @@ def connect(root: str, *, build: bool = True) -> duckdb.DuckDBPyConnection:
         if not build:
             raise QueryError(f"no index at {root}: run `vlforge index {root}` first")
         build_index(root)
-    local = index_path if isinstance(fs, LocalFileSystem) else _download(fs, index_path)
-    # A fresh in-memory database per call that attaches the file: duckdb.connect(path) would share
-    # one cached instance per path within a process, which keeps reading the file it first
-    # opened after the indexer has replaced it.
-    con = duckdb.connect(":memory:")
-    quoted = local.replace("'", "''")
-    con.execute(f"ATTACH '{quoted}' AS {_CATALOG} (READ_ONLY)")
-    con.execute(f"USE {_CATALOG}")
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
-    return con
+    limit = memory_limit or default_memory_limit()
+    try:
+        return _open_read_only(fs, index_path, limit)
+    except _DAMAGED as e:
+        problem = f"the index {index_path} is damaged ({first_line(e)})"
+        if not build:
+            raise QueryError(
+                f"{problem}: rebuild it from the run directories with `vlforge index --rebuild {root}`"
+            ) from None
+        print(f"vlforge: warning: {problem}; rebuilding it from the run directories", file=sys.stderr)
+    build_index(root, rebuild=True)
+    return _open_read_only(fs, index_path, limit)
 
 
-def query(root: str, sql: str, fmt: Format = "table") -> str:
-    """Run one read-only ``sql`` against the index of ``root`` and format the result as text."""
-    columns, rows = _fetch(root, sql)
+# What opening a file that is not a (whole) DuckDB database raises; other errors (a bad memory
+# limit) are the caller's.
+_DAMAGED = (duckdb.IOException, duckdb.SerializationException, duckdb.InternalException)
+
+
+def _open_read_only(
+    fs: fsspec.AbstractFileSystem, index_path: str, memory_limit: str
+) -> duckdb.DuckDBPyConnection:
+    config = {
+        "enable_external_access": False,
+        "memory_limit": memory_limit,
+        "temp_directory": os.path.join(_scratch_dir(), uuid.uuid4().hex[:8]),  # spills, if any
+        "lock_configuration": True,
+    }
+    if not isinstance(fs, LocalFileSystem):
+        return duckdb.connect(_download(fs, index_path), read_only=True, config=config)
+    # duckdb.connect(path) shares one cached instance per (resolved) path within a process, and a
+    # cached instance keeps reading the file it first opened after the indexer has replaced it.
+    # A hard link under a unique name gives this connection its own instance of the current
+    # file; it is removed as soon as the file is open.
+    alias = f"{index_path}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+    try:
+        os.link(index_path, alias)
+    except OSError:  # a read-only runs root: share the cached instance
+        alias = index_path
+    try:
+        return duckdb.connect(alias, read_only=True, config=config)
+    except duckdb.ParserException as e:  # the one setting users give: the memory limit
+        raise QueryError(f"bad memory limit {memory_limit!r}: {e}") from None
+    finally:
+        if alias != index_path:
+            os.remove(alias)
+
+
+def query(
+    root: str,
+    sql: str,
+    fmt: Format = "table",
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    memory_limit: str | None = None,
+) -> str:
+    """Run one read-only ``sql`` against the index of ``root`` and format the result as text.
+
+    Stopped after ``timeout`` seconds (0: no limit) or by Ctrl-C; ``memory_limit`` as in
+    :func:`connect`. A result of more than :data:`MAX_ROWS` rows is refused (write it to Parquet).
+    """
+    columns, rows = _fetch(root, sql, timeout, memory_limit)
     if fmt == "table":
         return format_table(columns, rows)
     if fmt == "csv":
@@ -74,17 +146,28 @@ def query(root: str, sql: str, fmt: Format = "table") -> str:
     raise QueryError(f"unknown format {fmt!r}; expected table, csv or json")
 
 
-def query_arrow(root: str, sql: str) -> Any:
-    """The result of a read-only query as a ``pyarrow.Table`` (``vlforge query --format parquet``)."""
-    return _run(root, sql, lambda rel: rel.to_arrow_table())
+def query_arrow(
+    root: str, sql: str, *, timeout: float = DEFAULT_TIMEOUT_S, memory_limit: str | None = None
+) -> Any:
+    """The result of a read-only query as a ``pyarrow.Table``."""
+    return _run(root, sql, lambda rel: rel.to_arrow_table(), timeout, memory_limit)
 
 
-def query_df(root: str, sql: str) -> Any:
+def query_df(
+    root: str, sql: str, *, timeout: float = DEFAULT_TIMEOUT_S, memory_limit: str | None = None
+) -> Any:
     """The result of a read-only query as a ``pandas.DataFrame``."""
-    return _run(root, sql, lambda rel: rel.df())
+    return _run(root, sql, lambda rel: rel.df(), timeout, memory_limit)
 
 
-def list_runs(root: str, where: str | None = None, fmt: Format = "table") -> str:
+def list_runs(
+    root: str,
+    where: str | None = None,
+    fmt: Format = "table",
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    memory_limit: str | None = None,
+) -> str:
     """``vlforge runs``: one line per run, newest first, filtered by an optional SQL ``where``."""
     sql = (
         "SELECT run_id, experiment, recipe_name, status, start_time, last_step, world_size, "
@@ -92,24 +175,90 @@ def list_runs(root: str, where: str | None = None, fmt: Format = "table") -> str
         + (f" WHERE {where}" if where else "")
         + " ORDER BY start_time DESC, run_id"
     )
-    return query(root, sql, fmt)
+    return query(root, sql, fmt, timeout=timeout, memory_limit=memory_limit)
 
 
 # -- running ----------------------------------------------------------------------------------
 
 
-def _fetch(root: str, sql: str) -> tuple[list[str], list[tuple]]:
-    return _run(root, sql, lambda rel: (list(rel.columns), rel.fetchall()) if rel is not None else ([], []))
+def _fetch(root: str, sql: str, timeout: float, memory_limit: str | None) -> tuple[list[str], list[tuple]]:
+    def fetch(rel: duckdb.DuckDBPyRelation | None) -> tuple[list[str], list[tuple]]:
+        if rel is None:
+            return [], []
+        rows = rel.limit(MAX_ROWS + 1).fetchall()  # Python rows cost ~100 B a value: bound them
+        if len(rows) > MAX_ROWS:
+            raise QueryError(
+                f"the result has more than {MAX_ROWS:,} rows: add a LIMIT or an aggregate, or write it "
+                "to a file with --format parquet -o FILE.parquet"
+            )
+        return list(rel.columns), rows
+
+    return _run(root, sql, fetch, timeout, memory_limit)
 
 
-def _run(root: str, sql: str, fetch: Callable[[duckdb.DuckDBPyRelation | None], Any]) -> Any:
-    con = connect(root)
+def _run(
+    root: str,
+    sql: str,
+    fetch: Callable[[duckdb.DuckDBPyRelation | None], Any],
+    timeout: float,
+    memory_limit: str | None = None,
+) -> Any:
+    con = connect(root, memory_limit=memory_limit)
     try:
-        return fetch(_execute(con, sql))
+        return run_interruptible(con, lambda: fetch(_execute(con, sql)), timeout)
     except duckdb.Error as e:  # raised while fetching: relations run lazily
         raise _translate(e) from e
     finally:
         con.close()
+
+
+def run_interruptible(con: duckdb.DuckDBPyConnection, work: Callable[[], Any], timeout: float) -> Any:
+    """``work()`` (queries on ``con``), stopped by DuckDB's interrupt after ``timeout`` s or on Ctrl-C.
+
+    The work runs in a thread and this one waits: a signal reaches Python only between bytecodes
+    of the main thread, which a long query in the main thread would never reach. Raises
+    :class:`QueryError` on the time limit and :class:`QueryInterrupted` on Ctrl-C.
+    """
+    outcome: dict[str, Any] = {}
+    # Done is an Event, not Thread.is_alive(): a KeyboardInterrupt inside Thread.join can leave
+    # is_alive() False while the thread still runs (CPython gh-90882).
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as e:  # handed to the waiting thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    deadline = time.monotonic() + timeout if timeout else math.inf
+    threading.Thread(target=target, name="vlforge-query", daemon=True).start()
+    try:
+        while not done.wait(min(0.05, max(deadline - time.monotonic(), 0.0))) and time.monotonic() < deadline:
+            pass
+    except KeyboardInterrupt:
+        _stop(con, done)
+        raise QueryInterrupted("query interrupted (Ctrl-C)") from None
+    if not done.is_set():
+        _stop(con, done)
+        raise QueryError(
+            f"the query was stopped after its time limit of {timeout:g} s "
+            "(give more with --timeout SECONDS, or timeout= in Python; 0 for none)"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _stop(con: duckdb.DuckDBPyConnection, done: threading.Event) -> None:
+    """Interrupt the running query and wait for it to end (a second Ctrl-C does not cut this short)."""
+    con.interrupt()
+    while not done.is_set():
+        try:
+            done.wait(0.05)
+        except KeyboardInterrupt:
+            con.interrupt()
 
 
 def _execute(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation | None:
@@ -141,16 +290,26 @@ def _translate(error: duckdb.Error) -> QueryError:
         return QueryError(f"the index is read-only: {message}")
     if isinstance(error, duckdb.PermissionException):
         return QueryError(f"the index is read-only: other files and extensions are off limits ({message})")
+    if isinstance(error, duckdb.OutOfMemoryException):
+        return QueryError(
+            f"the query needs more memory than its limit ({first_line(error)}); raise it with "
+            f"--memory-limit or ${MEMORY_ENV}, or make the query smaller"
+        )
     return QueryError(message)
+
+
+def _scratch_dir() -> str:
+    """This process's private temporary directory (removed at exit)."""
+    global _scratch
+    if _scratch is None:
+        _scratch = tempfile.mkdtemp(prefix="vlforge-index-")
+        atexit.register(shutil.rmtree, _scratch, True)
+    return _scratch
 
 
 def _download(fs: fsspec.AbstractFileSystem, index_path: str) -> str:
     """Copy a remote index to a local file (DuckDB opens local files); removed at exit."""
-    global _downloads
-    if _downloads is None:
-        _downloads = tempfile.mkdtemp(prefix="vlforge-index-")
-        atexit.register(shutil.rmtree, _downloads, True)
-    local = os.path.join(_downloads, f"{uuid.uuid4().hex[:8]}-{INDEX_NAME}")
+    local = os.path.join(_scratch_dir(), f"{uuid.uuid4().hex[:8]}-{INDEX_NAME}")
     fs.get_file(index_path, local)
     return local
 
@@ -288,14 +447,27 @@ def _pivot(con: duckdb.DuckDBPyConnection, sql: str, ids: list[str]) -> list[tup
     return [(key, *(table[key].get(i) for i in ids)) for key in sorted(table)]
 
 
-def write_parquet(root: str, sql: str, out: str) -> int:
-    """``vlforge query --format parquet -o FILE``: the result of ``sql`` to a Parquet file; returns rows."""
+def write_parquet(
+    root: str, sql: str, out: str, *, timeout: float = DEFAULT_TIMEOUT_S, memory_limit: str | None = None
+) -> int:
+    """``vlforge query --format parquet -o FILE``: the result of ``sql`` to a Parquet file; returns rows.
+
+    Streamed a batch at a time: a result of any size is written without being held in memory.
+    """
     import pyarrow.parquet as pq
 
-    table = query_arrow(root, sql)
-    with fsspec.open(out, "wb") as f:
-        pq.write_table(table, f)
-    return table.num_rows
+    def write(rel: duckdb.DuckDBPyRelation | None) -> int:
+        if rel is None:
+            raise QueryError("the query returns no result to write")
+        reader = rel.to_arrow_reader()
+        rows = 0
+        with fsspec.open(out, "wb") as f, pq.ParquetWriter(f, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+        return rows
+
+    return _run(root, sql, write, timeout, memory_limit)
 
 
 def plot_metric(
