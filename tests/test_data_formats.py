@@ -92,11 +92,58 @@ def test_pack_then_read_round_trip(packed, tmp_path):
     assert sizes == {"00000.tar": 4, "00001.tar": 4, "00002.tar": 4}
     samples = [s for url in expand_urls(f"{packed}/{{00000..00002}}.tar") for s in read_samples(url)]
     assert [s["__key__"] for s in samples[:5]] == ["000000", "000001", "000002", "000003", "000010"]
+    by_source = {json.loads(sample["json"])["source"]: sample for sample in samples}
     originals = sorted((tmp_path / "images").glob("*.jpg"))
-    for sample, image in zip(samples, originals):
-        assert sample["jpg"] == image.read_bytes()  # stored, not re-encoded
-        assert sample["txt"].decode() == image.with_suffix(".txt").read_text()
-        assert json.loads(sample["json"])["source"] == image.name
+    assert sorted(by_source) == [image.name for image in originals]  # every image, once
+    for image in originals:
+        assert by_source[image.name]["jpg"] == image.read_bytes()  # stored, not re-encoded
+        assert by_source[image.name]["txt"].decode() == image.with_suffix(".txt").read_text()
+    manifest = json.loads((packed / "pack.json").read_text())
+    assert manifest["shuffle"] is True and manifest["seed"] == 0 and manifest["samples"] == 12
+
+
+def test_pack_shuffles_with_a_recorded_seed_and_no_shuffle_keeps_the_order(tmp_path, capsys):
+    write_shapes_folder(tmp_path / "images", 12, image_size=16)
+
+    def order(dest: str, *options: str) -> list[str]:
+        assert (
+            main(["data", "pack", str(tmp_path / "images"), str(tmp_path / dest), "--no-progress", *options])
+            == 0
+        )
+        shards = [tmp_path / dest / f"{i:05d}.tar" for i in range(3)]
+        return [json.loads(s["json"])["source"] for shard in shards for s in read_samples(str(shard))]
+
+    sorted_names = [f"{i:06d}.jpg" for i in range(12)]
+    assert order("kept", "--no-shuffle", "--shard-size", "4") == sorted_names
+    assert "(sorted order)" in capsys.readouterr().out
+    first = order("a", "--shard-size", "4", "--seed", "7")
+    assert "(shuffled, seed 7)" in capsys.readouterr().out
+    assert first != sorted_names and sorted(first) == sorted_names  # a permutation: nothing lost
+    assert order("b", "--shard-size", "4", "--seed", "7") == first  # the same seed, the same shards
+    assert order("c", "--shard-size", "4", "--seed", "8") != first
+    assert json.loads((tmp_path / "a" / "pack.json").read_text())["seed"] == 7
+    assert json.loads((tmp_path / "kept" / "pack.json").read_text())["shuffle"] is False
+
+
+def test_pack_skips_and_counts_a_latin1_caption_and_refuses_an_existing_destination(tmp_path, capsys, caplog):
+    write_shapes_folder(tmp_path / "images", 4, image_size=16)
+    (tmp_path / "images" / "000002.txt").write_bytes("un caf\xe9 rouge".encode("latin-1"))
+    code = main(["data", "pack", str(tmp_path / "images"), str(tmp_path / "out"), "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0 and "Traceback" not in printed.err
+    assert "3 samples in 1 shards" in printed.out and "left out 1 caption_not_utf8" in printed.out
+    assert f"{tmp_path / 'images' / '000002.txt'}: not UTF-8 (byte 0xe9 at 6)" in caplog.text
+    sources = {json.loads(s["json"])["source"] for s in read_samples(str(tmp_path / "out" / "00000.tar"))}
+    assert sources == {"000000.jpg", "000001.jpg", "000003.jpg"}
+    assert json.loads((tmp_path / "out" / "pack.json").read_text())["skipped"] == {"caption_not_utf8": 1}
+
+    (tmp_path / "file").write_text("keep me")
+    for dest, why in [(tmp_path / "file", "is a file"), (tmp_path / "out", "is not empty")]:
+        before = {path: path.read_bytes() for path in [dest, *dest.glob("*")] if path.is_file()}
+        assert main(["data", "pack", str(tmp_path / "images"), str(dest), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"DEST {dest} {why}" in err and "Traceback" not in err
+        assert {path: path.read_bytes() for path in before} == before  # nothing overwritten
 
 
 def test_shards_read_over_file_memory_and_http(packed):
@@ -155,19 +202,23 @@ def test_pack_from_a_caption_file_and_the_cli(tmp_path, capsys):
         {"image": "img/9.jpg", "caption": "gone"},  # no image: left out
     ]
     (tmp_path / "caps.json").write_text(json.dumps(entries))
-    assert main(["data", "pack", str(tmp_path / "caps.json"), str(tmp_path / "out"), "--no-progress"]) == 0
+    pack_command = ["data", "pack", str(tmp_path / "caps.json"), str(tmp_path / "out"), "--no-progress"]
+    assert main([*pack_command, "--no-shuffle"]) == 0
     printed = capsys.readouterr().out
     assert "2 samples in 1 shards" in printed and "1 missing_caption, 1 unreadable_image" in printed
     samples = list(read_samples(str(tmp_path / "out" / "00000.tar")))
     assert [s["txt"].decode() for s in samples] == ["zero", "one"]
     assert json.loads(samples[1]["json"])["captions"] == ["one", "uno"]
 
-    assert main(["data", "inspect", f"{tmp_path}/out/{{00000..00001}}.tar", "--samples", "1"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["data", "inspect", f"{tmp_path}/out/{{00000..00001}}.tar", "--samples", "1"]) == 1
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "1 of 2 shards are BROKEN" in captured.err
     assert "00000.tar: 2 samples [jpg 2, json 2, txt 2]" in printed
     assert "00001.tar: 0 samples" in printed and "BROKEN (unreachable" in printed
     assert "total: 2 samples in 2 shards (1 broken)" in printed
     assert "txt: zero" in printed and "JPEG 20x20" in printed
+    assert main(["data", "inspect", f"{tmp_path}/out/00000.tar"]) == 0  # nothing broken: exit 0
 
 
 # --------------------------------------------------------------------------- images
@@ -231,6 +282,30 @@ def test_captions_source_draws_one_caption_per_epoch_and_counts_missing_images(t
     with pytest.raises(BadSample) as missing:
         source.decode(raws["c/1"], 0, 0, counts)
     assert missing.value.kind == "unreadable_image"
+
+
+def test_bad_caption_lines_are_skipped_and_counted_with_file_and_line(tmp_path, caplog):
+    (tmp_path / "1.jpg").write_bytes(jpeg(10))
+    lines = [json.dumps({"image": "1.jpg", "caption": f"good {i}"}).encode() for i in range(56)]
+    lines[50] = b'{"image": "1.jpg", "caption": "cut'  # line 51: malformed JSON
+    lines[51] = b'{"image": "1.jpg", "caption": 12345}'  # a number for a caption
+    lines[52] = b'{"image": "1.jpg", "caption": "caf\xe9"}'  # a Latin-1 byte
+    lines[53] = b'{"caption": "no image"}'
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    config = data.CaptionsConfig(files=str(path), shuffle=False, bad_data={"max_skipped_fraction": 0.5})
+    source = CaptionsSource.from_context(config, context())
+    assert len(source.entries) == 56  # every line keeps its place (and key)
+    for number, what in [(51, "not JSON"), (52, "the caption is not text"), (53, "not UTF-8 (byte 0xe9"),
+                         (54, "no 'image' path")]:  # fmt: skip
+        assert f"data: skipping {path}:line {number}: {what}" in caplog.text
+
+    stream = source.train_stream(4, seed=0, num_workers=0, rank=0, world_size=1)
+    captions = [caption for _ in range(13) for caption in stream.next()["captions"]]
+    assert captions == [f"good {i}" for i in range(56) if not 50 <= i <= 53]  # nothing good lost
+    metrics = stream.metrics()
+    assert metrics["data/skipped_bad_line"] == 2 and metrics["data/skipped_bad_entry"] == 2
+    assert metrics["data/samples"] == 52
 
 
 # --------------------------------------------------------------------------- interleaved documents
