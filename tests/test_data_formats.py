@@ -181,6 +181,13 @@ def test_damaged_shards_raise_after_the_good_samples(packed, tmp_path):
     with pytest.raises(BadShard) as truncated:
         keys.extend(s["__key__"] for s in read_samples(str(cut)))
     assert truncated.value.kind == "truncated" and 0 < len(keys) < 4
+    with tarfile.open(packed / "00000.tar") as archive:
+        boundaries = [member.offset for member in archive.getmembers()]
+    for cut_at in (boundaries[6], boundaries[6] + 100):  # between members, inside a header
+        cut.write_bytes(whole[:cut_at])  # tar's stream mode would take either for the end
+        with pytest.raises(BadShard) as silent:
+            list(read_samples(str(cut)))
+        assert silent.value.kind == "truncated"
     not_tar = tmp_path / "junk.tar"
     not_tar.write_bytes(b"x" * 2048)
     with pytest.raises(BadShard) as junk:
