@@ -7,8 +7,10 @@ import functools
 import http.server
 import io
 import json
+import socket
 import tarfile
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -171,6 +173,80 @@ def test_shards_read_over_file_memory_and_http(packed):
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
+
+
+class FlakyHandler(QuietHandler):
+    """Serves a folder; the first ``plan["left"]`` requests (HEAD or GET) fail as ``plan["how"]`` says."""
+
+    plan: dict = {}
+
+    def send_head(self):
+        if self.plan["left"] > 0:
+            self.plan["left"] -= 1
+            self.plan["failed"] += 1
+            if self.plan["how"] == "503":
+                self.send_error(503)
+                return None
+            if self.plan["how"] == "reset":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return None
+            time.sleep(1.0)  # "slow": longer than the client's timeout
+        return super().send_head()
+
+
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # the connections this test breaks on purpose
+
+
+@pytest.fixture
+def flaky(packed, monkeypatch):
+    """(base URL of the packed shards, the failure plan to fill in) with fast backoff and timeout."""
+    monkeypatch.setattr(data.urls, "HTTP_BACKOFF_S", 0.01)
+    monkeypatch.setattr(data.urls, "HTTP_TIMEOUT_S", 0.3)
+    plan = {"left": 0, "how": "503", "failed": 0}
+    handler = functools.partial(type("Handler", (FlakyHandler,), {"plan": plan}), directory=str(packed))
+    data.urls.take_http_retries()
+    with QuietServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{server.server_address[1]}", plan
+        server.shutdown()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("how", ["503", "reset", "slow"])
+def test_transient_http_failures_are_retried_and_counted(packed, flaky, how):
+    base, plan = flaky
+    plan.update(left=4, how=how)  # two opens' worth: fsspec asks HEAD, then GET, before streaming
+    config = data.WebDatasetConfig(urls=f"{base}/{{00000..00002}}.tar", shuffle=False, num_samples=12)
+    source = data.build_webdataset(config, context())
+    stream = source.train_stream(micro_batch=4, seed=0, num_workers=0, rank=0, world_size=1)
+    keys = [key for _ in range(3) for key in stream.next()["keys"]]
+    local = [s["__key__"] for i in range(3) for s in read_samples(str(packed / f"{i:05d}.tar"))]
+    assert keys == local  # every sample, in order: nothing lost
+    assert plan["failed"] == 4
+    metrics = stream.metrics()
+    # aiohttp itself reconnects once after a dropped keep-alive connection: a reset may cost one retry less
+    assert metrics["data/http_retries"] in ({1, 2} if how == "reset" else {2})
+    assert "data/shards_unreachable" not in metrics
+
+
+def test_http_gives_up_after_bounded_retries_and_never_retries_a_404(packed, flaky):
+    base, plan = flaky
+    plan.update(left=2)  # HEAD and GET of one attempt
+    assert data.urls.read_bytes(f"{base}/sizes.json") == (packed / "sizes.json").read_bytes()
+    assert data.urls.take_http_retries() == 1
+    with pytest.raises(BadShard) as missing:
+        list(read_samples(f"{base}/00099.tar"))
+    assert missing.value.kind == "unreachable" and data.urls.take_http_retries() == 0
+    plan.update(left=1000, failed=0)
+    with pytest.raises(BadShard) as down:
+        list(read_samples(f"{base}/00000.tar"))
+    assert down.value.kind == "unreachable" and "503" in str(down.value.__cause__.__cause__)
+    assert data.urls.take_http_retries() == data.urls.HTTP_ATTEMPTS - 1
+    assert plan["failed"] == 2 * data.urls.HTTP_ATTEMPTS  # HEAD and GET of each attempt, then no more
 
 
 def test_damaged_shards_raise_after_the_good_samples(packed, tmp_path):

@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlforge.data.tar import BadShard
+from vlforge.data.urls import take_http_retries
 from vlforge.errors import RunFailed
 from vlforge.hookspecs import hookimpl
 
@@ -312,6 +313,9 @@ def reader_batches(
     fruitless_since: int | None = None  # epoch from which no sample has been usable
     for position, item in reader_items(source, reader, readers, start, seed):
         counts["shards"] += position.offset == 0  # a unit finished (read to its end or broken off)
+        retries = take_http_retries()  # this process is this reader's alone
+        if retries:
+            counts["http_retries"] += retries
         example = None
         if isinstance(item, Skip):
             counts[item.counter] += 1
