@@ -24,10 +24,11 @@ def test_bad_recipe_exits_2_with_every_problem_and_no_traceback(tiny_recipe):
     result = run_cli("validate", str(tiny_recipe), "train.stepz=1", 'data.type="synthetic.shapez"')
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert f"recipe {tiny_recipe}: 2 problems" in result.stderr  # static sections first
+    assert f"recipe {tiny_recipe}: 3 problems" in result.stderr  # static and component ones together
     assert "optim.lr_sceduler: unknown key" in result.stderr and f"[{tiny_recipe}]" in result.stderr
     assert "train.stepz: unknown key; did you mean 'steps'?" in result.stderr
     assert "[command line]" in result.stderr
+    assert "data.type: unknown dataset 'synthetic.shapez'; did you mean 'synthetic.shapes'?" in result.stderr
 
 
 def test_missing_recipe_file(tmp_path, capsys):
@@ -35,20 +36,21 @@ def test_missing_recipe_file(tmp_path, capsys):
     assert "file not found" in capsys.readouterr().err
 
 
-def test_help_and_validate_do_not_import_torch(tiny_recipe):
+def test_help_and_show_do_not_import_torch_and_validate_only_what_its_checks_need(tiny_recipe):
     probe = (
         "import sys; from vlforge.cli import main; code = main(sys.argv[1:]); "
         "heavy = [m for m in ('torch', 'timm', 'transformers', 'duckdb') if m in sys.modules]; "
         "print('HEAVY', heavy); sys.exit(code)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe, "validate", str(tiny_recipe)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "HEAVY []" in result.stdout
+    for command, heavy in [("show", "[]"), ("validate", "['torch', 'timm']")]:  # timm: the model-name check
+        result = subprocess.run(
+            [sys.executable, "-c", probe, command, str(tiny_recipe)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"HEAVY {heavy}" in result.stdout
     result = subprocess.run(
         [sys.executable, "-c", probe.replace("main(sys.argv[1:])", "0"), "x"],
         capture_output=True,

@@ -7,8 +7,10 @@ import functools
 import http.server
 import io
 import json
+import socket
 import tarfile
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -92,11 +94,58 @@ def test_pack_then_read_round_trip(packed, tmp_path):
     assert sizes == {"00000.tar": 4, "00001.tar": 4, "00002.tar": 4}
     samples = [s for url in expand_urls(f"{packed}/{{00000..00002}}.tar") for s in read_samples(url)]
     assert [s["__key__"] for s in samples[:5]] == ["000000", "000001", "000002", "000003", "000010"]
+    by_source = {json.loads(sample["json"])["source"]: sample for sample in samples}
     originals = sorted((tmp_path / "images").glob("*.jpg"))
-    for sample, image in zip(samples, originals):
-        assert sample["jpg"] == image.read_bytes()  # stored, not re-encoded
-        assert sample["txt"].decode() == image.with_suffix(".txt").read_text()
-        assert json.loads(sample["json"])["source"] == image.name
+    assert sorted(by_source) == [image.name for image in originals]  # every image, once
+    for image in originals:
+        assert by_source[image.name]["jpg"] == image.read_bytes()  # stored, not re-encoded
+        assert by_source[image.name]["txt"].decode() == image.with_suffix(".txt").read_text()
+    manifest = json.loads((packed / "pack.json").read_text())
+    assert manifest["shuffle"] is True and manifest["seed"] == 0 and manifest["samples"] == 12
+
+
+def test_pack_shuffles_with_a_recorded_seed_and_no_shuffle_keeps_the_order(tmp_path, capsys):
+    write_shapes_folder(tmp_path / "images", 12, image_size=16)
+
+    def order(dest: str, *options: str) -> list[str]:
+        assert (
+            main(["data", "pack", str(tmp_path / "images"), str(tmp_path / dest), "--no-progress", *options])
+            == 0
+        )
+        shards = [tmp_path / dest / f"{i:05d}.tar" for i in range(3)]
+        return [json.loads(s["json"])["source"] for shard in shards for s in read_samples(str(shard))]
+
+    sorted_names = [f"{i:06d}.jpg" for i in range(12)]
+    assert order("kept", "--no-shuffle", "--shard-size", "4") == sorted_names
+    assert "(sorted order)" in capsys.readouterr().out
+    first = order("a", "--shard-size", "4", "--seed", "7")
+    assert "(shuffled, seed 7)" in capsys.readouterr().out
+    assert first != sorted_names and sorted(first) == sorted_names  # a permutation: nothing lost
+    assert order("b", "--shard-size", "4", "--seed", "7") == first  # the same seed, the same shards
+    assert order("c", "--shard-size", "4", "--seed", "8") != first
+    assert json.loads((tmp_path / "a" / "pack.json").read_text())["seed"] == 7
+    assert json.loads((tmp_path / "kept" / "pack.json").read_text())["shuffle"] is False
+
+
+def test_pack_skips_and_counts_a_latin1_caption_and_refuses_an_existing_destination(tmp_path, capsys, caplog):
+    write_shapes_folder(tmp_path / "images", 4, image_size=16)
+    (tmp_path / "images" / "000002.txt").write_bytes("un caf\xe9 rouge".encode("latin-1"))
+    code = main(["data", "pack", str(tmp_path / "images"), str(tmp_path / "out"), "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0 and "Traceback" not in printed.err
+    assert "3 samples in 1 shards" in printed.out and "left out 1 caption_not_utf8" in printed.out
+    assert f"{tmp_path / 'images' / '000002.txt'}: not UTF-8 (byte 0xe9 at 6)" in caplog.text
+    sources = {json.loads(s["json"])["source"] for s in read_samples(str(tmp_path / "out" / "00000.tar"))}
+    assert sources == {"000000.jpg", "000001.jpg", "000003.jpg"}
+    assert json.loads((tmp_path / "out" / "pack.json").read_text())["skipped"] == {"caption_not_utf8": 1}
+
+    (tmp_path / "file").write_text("keep me")
+    for dest, why in [(tmp_path / "file", "is a file"), (tmp_path / "out", "is not empty")]:
+        before = {path: path.read_bytes() for path in [dest, *dest.glob("*")] if path.is_file()}
+        assert main(["data", "pack", str(tmp_path / "images"), str(dest), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"DEST {dest} {why}" in err and "Traceback" not in err
+        assert {path: path.read_bytes() for path in before} == before  # nothing overwritten
 
 
 def test_shards_read_over_file_memory_and_http(packed):
@@ -126,6 +175,80 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class FlakyHandler(QuietHandler):
+    """Serves a folder; the first ``plan["left"]`` requests (HEAD or GET) fail as ``plan["how"]`` says."""
+
+    plan: dict = {}
+
+    def send_head(self):
+        if self.plan["left"] > 0:
+            self.plan["left"] -= 1
+            self.plan["failed"] += 1
+            if self.plan["how"] == "503":
+                self.send_error(503)
+                return None
+            if self.plan["how"] == "reset":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return None
+            time.sleep(1.0)  # "slow": longer than the client's timeout
+        return super().send_head()
+
+
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # the connections this test breaks on purpose
+
+
+@pytest.fixture
+def flaky(packed, monkeypatch):
+    """(base URL of the packed shards, the failure plan to fill in) with fast backoff and timeout."""
+    monkeypatch.setattr(data.urls, "HTTP_BACKOFF_S", 0.01)
+    monkeypatch.setattr(data.urls, "HTTP_TIMEOUT_S", 0.3)
+    plan = {"left": 0, "how": "503", "failed": 0}
+    handler = functools.partial(type("Handler", (FlakyHandler,), {"plan": plan}), directory=str(packed))
+    data.urls.take_http_retries()
+    with QuietServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{server.server_address[1]}", plan
+        server.shutdown()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("how", ["503", "reset", "slow"])
+def test_transient_http_failures_are_retried_and_counted(packed, flaky, how):
+    base, plan = flaky
+    plan.update(left=4, how=how)  # two opens' worth: fsspec asks HEAD, then GET, before streaming
+    config = data.WebDatasetConfig(urls=f"{base}/{{00000..00002}}.tar", shuffle=False, num_samples=12)
+    source = data.build_webdataset(config, context())
+    stream = source.train_stream(micro_batch=4, seed=0, num_workers=0, rank=0, world_size=1)
+    keys = [key for _ in range(3) for key in stream.next()["keys"]]
+    local = [s["__key__"] for i in range(3) for s in read_samples(str(packed / f"{i:05d}.tar"))]
+    assert keys == local  # every sample, in order: nothing lost
+    assert plan["failed"] == 4
+    metrics = stream.metrics()
+    # aiohttp itself reconnects once after a dropped keep-alive connection: a reset may cost one retry less
+    assert metrics["data/http_retries"] in ({1, 2} if how == "reset" else {2})
+    assert "data/shards_unreachable" not in metrics
+
+
+def test_http_gives_up_after_bounded_retries_and_never_retries_a_404(packed, flaky):
+    base, plan = flaky
+    plan.update(left=2)  # HEAD and GET of one attempt
+    assert data.urls.read_bytes(f"{base}/sizes.json") == (packed / "sizes.json").read_bytes()
+    assert data.urls.take_http_retries() == 1
+    with pytest.raises(BadShard) as missing:
+        list(read_samples(f"{base}/00099.tar"))
+    assert missing.value.kind == "unreachable" and data.urls.take_http_retries() == 0
+    plan.update(left=1000, failed=0)
+    with pytest.raises(BadShard) as down:
+        list(read_samples(f"{base}/00000.tar"))
+    assert down.value.kind == "unreachable" and "503" in str(down.value.__cause__.__cause__)
+    assert data.urls.take_http_retries() == data.urls.HTTP_ATTEMPTS - 1
+    assert plan["failed"] == 2 * data.urls.HTTP_ATTEMPTS  # HEAD and GET of each attempt, then no more
+
+
 def test_damaged_shards_raise_after_the_good_samples(packed, tmp_path):
     whole = (packed / "00000.tar").read_bytes()
     cut = tmp_path / "cut.tar"
@@ -134,6 +257,13 @@ def test_damaged_shards_raise_after_the_good_samples(packed, tmp_path):
     with pytest.raises(BadShard) as truncated:
         keys.extend(s["__key__"] for s in read_samples(str(cut)))
     assert truncated.value.kind == "truncated" and 0 < len(keys) < 4
+    with tarfile.open(packed / "00000.tar") as archive:
+        boundaries = [member.offset for member in archive.getmembers()]
+    for cut_at in (boundaries[6], boundaries[6] + 100):  # between members, inside a header
+        cut.write_bytes(whole[:cut_at])  # tar's stream mode would take either for the end
+        with pytest.raises(BadShard) as silent:
+            list(read_samples(str(cut)))
+        assert silent.value.kind == "truncated"
     not_tar = tmp_path / "junk.tar"
     not_tar.write_bytes(b"x" * 2048)
     with pytest.raises(BadShard) as junk:
@@ -155,19 +285,23 @@ def test_pack_from_a_caption_file_and_the_cli(tmp_path, capsys):
         {"image": "img/9.jpg", "caption": "gone"},  # no image: left out
     ]
     (tmp_path / "caps.json").write_text(json.dumps(entries))
-    assert main(["data", "pack", str(tmp_path / "caps.json"), str(tmp_path / "out"), "--no-progress"]) == 0
+    pack_command = ["data", "pack", str(tmp_path / "caps.json"), str(tmp_path / "out"), "--no-progress"]
+    assert main([*pack_command, "--no-shuffle"]) == 0
     printed = capsys.readouterr().out
     assert "2 samples in 1 shards" in printed and "1 missing_caption, 1 unreadable_image" in printed
     samples = list(read_samples(str(tmp_path / "out" / "00000.tar")))
     assert [s["txt"].decode() for s in samples] == ["zero", "one"]
     assert json.loads(samples[1]["json"])["captions"] == ["one", "uno"]
 
-    assert main(["data", "inspect", f"{tmp_path}/out/{{00000..00001}}.tar", "--samples", "1"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["data", "inspect", f"{tmp_path}/out/{{00000..00001}}.tar", "--samples", "1"]) == 1
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "1 of 2 shards are BROKEN" in captured.err
     assert "00000.tar: 2 samples [jpg 2, json 2, txt 2]" in printed
     assert "00001.tar: 0 samples" in printed and "BROKEN (unreachable" in printed
     assert "total: 2 samples in 2 shards (1 broken)" in printed
     assert "txt: zero" in printed and "JPEG 20x20" in printed
+    assert main(["data", "inspect", f"{tmp_path}/out/00000.tar"]) == 0  # nothing broken: exit 0
 
 
 # --------------------------------------------------------------------------- images
@@ -231,6 +365,30 @@ def test_captions_source_draws_one_caption_per_epoch_and_counts_missing_images(t
     with pytest.raises(BadSample) as missing:
         source.decode(raws["c/1"], 0, 0, counts)
     assert missing.value.kind == "unreadable_image"
+
+
+def test_bad_caption_lines_are_skipped_and_counted_with_file_and_line(tmp_path, caplog):
+    (tmp_path / "1.jpg").write_bytes(jpeg(10))
+    lines = [json.dumps({"image": "1.jpg", "caption": f"good {i}"}).encode() for i in range(56)]
+    lines[50] = b'{"image": "1.jpg", "caption": "cut'  # line 51: malformed JSON
+    lines[51] = b'{"image": "1.jpg", "caption": 12345}'  # a number for a caption
+    lines[52] = b'{"image": "1.jpg", "caption": "caf\xe9"}'  # a Latin-1 byte
+    lines[53] = b'{"caption": "no image"}'
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    config = data.CaptionsConfig(files=str(path), shuffle=False, bad_data={"max_skipped_fraction": 0.5})
+    source = CaptionsSource.from_context(config, context())
+    assert len(source.entries) == 56  # every line keeps its place (and key)
+    for number, what in [(51, "not JSON"), (52, "the caption is not text"), (53, "not UTF-8 (byte 0xe9"),
+                         (54, "no 'image' path")]:  # fmt: skip
+        assert f"data: skipping {path}:line {number}: {what}" in caplog.text
+
+    stream = source.train_stream(4, seed=0, num_workers=0, rank=0, world_size=1)
+    captions = [caption for _ in range(13) for caption in stream.next()["captions"]]
+    assert captions == [f"good {i}" for i in range(56) if not 50 <= i <= 53]  # nothing good lost
+    metrics = stream.metrics()
+    assert metrics["data/skipped_bad_line"] == 2 and metrics["data/skipped_bad_entry"] == 2
+    assert metrics["data/samples"] == 52
 
 
 # --------------------------------------------------------------------------- interleaved documents

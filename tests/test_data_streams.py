@@ -178,6 +178,39 @@ def test_too_much_bad_data_stops_the_run_with_a_clear_message(damaged):
         keys_of(stream, 10)
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_epoch_length_without_sizes_passes_over_a_bad_first_shard(shards, tmp_path, caplog, damage):
+    good = data.urls.expand_urls(shards)
+    first = tmp_path / "00000.tar"
+    if damage == "truncated":
+        first.write_bytes(Path(good[0]).read_bytes()[:3000])
+    urls = [str(first), *good[1:]]  # no sizes.json beside tmp_path's first shard
+    lenient = {"max_failed_shard_fraction": 1.0}
+    source = webdataset(urls, shuffle=False, bad_data=lenient)
+    assert source.num_samples() == SHARDS * PER_SHARD  # the second shard counted, times 8
+    assert f"cannot count {first} for the epoch length" in caplog.text
+    assert f"no usable sizes.json beside {first}; estimating 5 samples per shard" in caplog.text
+    stream = source.train_stream(micro_batch=5, seed=0, num_workers=0, rank=0, world_size=1)
+    keys = [key for batch in keys_of(stream, SHARDS - 1) for key in batch]
+    assert set(keys) >= {s["__key__"] for url in good[1:] for s in read_samples(url)}  # nothing else lost
+    assert stream.metrics()[f"data/shards_{'unreachable' if damage == 'missing' else 'truncated'}"] == 1
+
+
+def test_sizes_json_lacking_a_shard_estimates_only_that_one(shards, tmp_path, caplog):
+    folder = Path(data.urls.expand_urls(shards)[0]).parent
+    sizes = json.loads((folder / "sizes.json").read_text())
+    for name in sizes:
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    sizes["00001.tar"] = 9  # a known, different size is used as it is
+    del sizes["00003.tar"]
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    source = webdataset(f"{tmp_path}/{{00000..{SHARDS - 1:05d}}}.tar")
+    mean = (9 + 6 * PER_SHARD) / 7
+    assert source.num_samples() == round(9 + 6 * PER_SHARD + mean)
+    assert f"{tmp_path}/sizes.json lacks 1 of the 8 shards (00003.tar)" in caplog.text
+    assert "no usable sizes.json" not in caplog.text
+
+
 def test_data_that_never_yields_a_sample_fails_instead_of_spinning(tmp_path):
     stream = webdataset([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]).train_stream(
         micro_batch=2, seed=0, num_workers=0, rank=0, world_size=1

@@ -98,12 +98,10 @@ def test_all_problems_reported_at_once(tiny_recipe):
         .replace("train_size = 512", "train_size = -1")
     )
     tiny_recipe.write_text(text)
-    # Static sections fail first; component tables are checked once those pass.
-    keys = {p.key for p in problems_of(tiny_recipe)}
-    assert keys == {"train.steps"}
-    tiny_recipe.write_text(text.replace('steps = "six"', "steps = 6"))
-    keys = {p.key for p in problems_of(tiny_recipe)}
-    assert keys == {"evaluators.retrieval.type", "data.train_size"}
+    # Static sections and component tables in one report: nothing appears only after a fix.
+    problems = problems_of(tiny_recipe)
+    assert sorted(p.key for p in problems) == ["data.train_size", "evaluators.retrieval.type", "train.steps"]
+    assert {p.source for p in problems} == {str(tiny_recipe)}
 
 
 def test_extends_deep_merges_and_errors_name_the_base_file(write, tiny_recipe):

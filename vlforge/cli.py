@@ -67,14 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- recipe commands
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, *, check_resources: bool = False):
     from vlforge.recipe import load_recipe
 
-    return load_recipe(args.recipe, args.overrides, tuple(args.plugin))
+    return load_recipe(args.recipe, args.overrides, tuple(args.plugin), check_resources=check_resources)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    recipe, _ = _load(args)
+    recipe, _ = _load(args, check_resources=True)
     print(f"{args.recipe}: ok ({recipe.name}, {len(recipe.component_tables())} components)")
     return 0
 
@@ -117,8 +117,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vlforge.results.rundir import new_run_id, resolve_root
 
     overrides = list(args.overrides) + ([f'launch.launcher="{args.launcher}"'] if args.launcher else [])
+    if args.resume:
+        refuse_resume_overrides(overrides)
     args.overrides = overrides
-    recipe, plugins = _load(args)
+    recipe, plugins = _load(args, check_resources=True)
     if recipe.sweep and (recipe.sweep.grid or recipe.sweep.points):
         raise UserError(f"{args.recipe} defines a [sweep]: submit it with `vlforge sweep {args.recipe}`")
     root = resolve_root(args.runs_root)
@@ -184,6 +186,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     status = launch_local(job, recipe.launch.processes_per_node * recipe.launch.nodes)
     _print_run_summary(root, job.run_id, status)
     return EXIT_CODES.get(status, 1)
+
+
+def refuse_resume_overrides(overrides: list[str]) -> None:
+    """A resumed run trains what it started with: only where it runs (``launch.*``) may change."""
+    fixed = [text for text in overrides if not text.strip().startswith("launch.")]
+    if fixed:
+        raise UserError(
+            f"--resume continues a run with the recipe it started with; it cannot apply "
+            f"{', '.join(fixed)} (only launch.* may change on resume). Start a new run to change "
+            "anything else, e.g. with `model.init_from=<run dir>` to start from its weights"
+        )
 
 
 def find_run(root: str, experiment: str, recipe_name: str, ref: str) -> str:

@@ -9,14 +9,21 @@ unknown names, the valid choices:
    file (or "command line") that set it.
 2. ``a.b.c=value`` overrides, values parsed as TOML (``lr=3e-4``,
    ``name="x"``, ``betas=[0.9, 0.95]``); a bare word is taken as a string.
-3. The static sections below (``extra="forbid"`` everywhere).
+3. The static sections below (``extra="forbid"`` everywhere; numbers must be
+   finite: ``nan``/``inf`` are refused).
 4. Every component table (``type = "<name>"`` + options) against the config
-   model its plugin registered.
+   model its plugin registered, even when step 3 found problems: one report
+   holds both.
+5. With ``check_resources`` (``vlforge validate`` and ``vlforge run``): what
+   each component config points at (files, model names), through the
+   ``check_resources()`` method a config may define (``vlforge.registry.
+   ResourceChecked``), so a run never fails on them after it started.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -58,13 +65,13 @@ class RecipeError(VlforgeError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ComponentTable(BaseModel):
     """``type = "<registered name>"`` plus the component's own options."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     type: str
     _config: BaseModel | None = PrivateAttr(default=None)
 
@@ -204,18 +211,10 @@ class Recipe(Section):
 
     def component_tables(self) -> list[tuple[str, str, ComponentTable]]:
         """(dotted key, kind, table) for every component the recipe names."""
-        tables: list[tuple[str, str, ComponentTable | None]] = [
-            ("model.vision", "vision_encoder", self.model.vision),
-            ("model.text", "text_encoder", self.model.text),
-            ("model.adapter", "adapter", self.model.adapter),
-            ("model.fusion", "fusion", self.model.fusion),
-            ("masking", "masking", self.masking),
-            ("teacher", "teacher", self.teacher),
-            ("data", "dataset", self.data),
+        tables = [
+            (key, kind, _at(self, key))
+            for key, kind in component_slots({group: getattr(self, group) for group in NAMED_GROUPS})
         ]
-        tables += [(f"objectives.{n}", "objective", t) for n, t in self.objectives.items()]
-        tables += [(f"evaluators.{n}", "evaluator", t) for n, t in self.evaluators.items()]
-        tables += [(f"sinks.{n}", "sink", t) for n, t in self.sinks.items()]
         return [(key, kind, table) for key, kind, table in tables if table is not None]
 
     def resolved(self) -> dict[str, Any]:
@@ -238,6 +237,37 @@ class Recipe(Section):
         import tomli_w
 
         return tomli_w.dumps(self.resolved())
+
+
+# Where component tables sit in a recipe, and their kinds; objectives and evaluators are named tables.
+COMPONENT_SLOTS = (
+    ("model.vision", "vision_encoder"),
+    ("model.text", "text_encoder"),
+    ("model.adapter", "adapter"),
+    ("model.fusion", "fusion"),
+    ("masking", "masking"),
+    ("teacher", "teacher"),
+    ("data", "dataset"),
+)
+
+
+# Sections that hold named component tables ([objectives.<name>], ...) and their kind.
+NAMED_GROUPS = {"objectives": "objective", "evaluators": "evaluator", "sinks": "sink"}
+
+
+def component_slots(names: dict[str, Iterable[str]]) -> list[tuple[str, str]]:
+    """(dotted key, kind) of every place a component table may be, given each group's table names."""
+    named = [(f"{group}.{name}", NAMED_GROUPS[group]) for group in NAMED_GROUPS for name in names[group]]
+    return [*COMPONENT_SLOTS, *named]
+
+
+def _at(node: Any, key: str) -> Any:
+    """The value at a dotted key of nested models or dicts; None where absent."""
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+        if node is None:
+            return None
+    return node
 
 
 # --------------------------------------------------------------------------- reading
@@ -287,7 +317,21 @@ def _read_text(location: str) -> str | None:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(location)
-    return fs.cat_file(path).decode() if fs.isfile(path) else None
+    return _decode_recipe(fs.cat_file(path), location) if fs.isfile(path) else None
+
+
+def _decode_recipe(data: bytes, location: str) -> str:
+    """A recipe file's text; TOML is UTF-8, so anything else names the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        message = (
+            f"not UTF-8 text: byte 0x{data[exc.start]:02x} at position {exc.start} "
+            f"(line {line}, column {column}); save the file as UTF-8"
+        )
+        raise RecipeError(location, [Problem("", message, location)]) from None
 
 
 def _sibling(location: str, name: str) -> str:
@@ -410,19 +454,52 @@ def _problems_from(
     return problems
 
 
-def validate_components(recipe: Recipe, registry: Registry, raw: RawRecipe) -> list[Problem]:
-    """Validate each component table against its registered config; store the result."""
+def validate_components(raw: RawRecipe, registry: Registry) -> tuple[dict[str, BaseModel], list[Problem]]:
+    """Validate each component table of the raw recipe against its registered config.
+
+    Works on the raw data, so it runs whether or not the static sections passed (one
+    report for both). Tables without a string ``type`` are left to the static pass.
+    Returns the validated configs by dotted key, and the problems.
+    """
+    configs: dict[str, BaseModel] = {}
     problems = []
-    for key, kind, table in recipe.component_tables():
+    for key, kind, table in _raw_component_tables(raw.data):
         try:
-            component = registry.get(kind, table.type)
+            component = registry.get(kind, table["type"])
         except RegistryError as exc:
             problems.append(Problem(f"{key}.type", str(exc), raw.source_of(f"{key}.type")))
             continue
+        declared = {"type", "weight"} if kind == "objective" else {"type"}  # ObjectiveTable's own keys
+        options = {name: value for name, value in table.items() if name not in declared}
         try:
-            table._config = component.config.model_validate(table.options)
+            configs[key] = component.config.model_validate(options)
         except ValidationError as exc:
             problems += _problems_from(exc, component.config, raw, prefix=f"{key}.")
+    return configs, problems
+
+
+def _raw_component_tables(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    def names(group: str) -> list[str]:
+        tables = data.get(group)
+        return list(tables) if isinstance(tables, dict) else []
+
+    slots = component_slots({group: names(group) for group in NAMED_GROUPS})
+    found = [(key, kind, _at(data, key)) for key, kind in slots]
+    return [
+        (key, kind, table)
+        for key, kind, table in found
+        if isinstance(table, dict) and isinstance(table.get("type"), str)
+    ]
+
+
+def check_component_resources(configs: dict[str, BaseModel], raw: RawRecipe) -> list[Problem]:
+    """Run every validated config's ``check_resources()`` (see ``vlforge.registry.ResourceChecked``)."""
+    problems = []
+    for key, config in configs.items():
+        check = getattr(config, "check_resources", None)
+        for issue in check() if check is not None else ():
+            dotted = f"{key}.{issue.key}" if issue.key else key
+            problems.append(Problem(dotted, issue.message, raw.source_of(dotted)))
     return problems
 
 
@@ -436,25 +513,53 @@ def parse_recipe(raw: RawRecipe) -> Recipe:
         raise RecipeError(raw.path, _problems_from(exc, Recipe, raw)) from None
 
 
+def _load_plugins_of(raw: RawRecipe, extra_plugins: tuple[str, ...]) -> tuple[Any, list[Problem]]:
+    """The plugin manager for the recipe's ``plugins`` (a malformed list: only the extra ones)."""
+    from vlforge.plugins import PluginError, load_plugins
+
+    named = raw.data.get("plugins", [])
+    if not (isinstance(named, list) and all(isinstance(name, str) for name in named)):
+        named = []  # the static pass reports the list itself
+    try:
+        return load_plugins([*named, *extra_plugins]), []
+    except (PluginError, RegistryError) as exc:
+        return None, [Problem("plugins", str(exc), raw.source_of("plugins"))]
+
+
 def load_recipe(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), extra_plugins: tuple[str, ...] = ()
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    extra_plugins: tuple[str, ...] = (),
+    *,
+    check_resources: bool = False,
 ):
     """Read, override and fully validate a recipe; returns (Recipe, Plugins).
 
     Loads the plugins the recipe names (plus ``extra_plugins``) to validate its
     component tables, and hands the plugin manager back for building the run.
+    ``check_resources`` also checks what the components point at (step 5).
+    Every problem of every step is raised together, in one ``RecipeError``.
     """
-    from vlforge.plugins import PluginError, load_plugins
-
     raw = read_toml(path)
     apply_overrides(raw, list(overrides))
-    recipe = parse_recipe(raw)
+    recipe: Recipe | None = None
+    problems: list[Problem] = []
     try:
-        plugins = load_plugins([*recipe.plugins, *extra_plugins])
-    except (PluginError, RegistryError) as exc:
-        raise RecipeError(raw.path, [Problem("plugins", str(exc), raw.source_of("plugins"))]) from None
-    problems = validate_components(recipe, plugins.registry, raw)
-    problems += check_consistency(recipe, raw)
+        recipe = parse_recipe(raw)
+    except RecipeError as exc:
+        problems += exc.problems
+    plugins, plugin_problems = _load_plugins_of(raw, extra_plugins)
+    problems += plugin_problems
+    configs: dict[str, BaseModel] = {}
+    if plugins is not None:
+        configs, component_problems = validate_components(raw, plugins.registry)
+        problems += component_problems
+    if check_resources:  # only configs that validated whole are checked
+        problems += check_component_resources(configs, raw)
+    if recipe is not None:
+        for key, _, table in recipe.component_tables():
+            table._config = configs.get(key)
+        problems += check_consistency(recipe, raw)
     if problems:
         raise RecipeError(raw.path, problems)
     return recipe, plugins

@@ -8,9 +8,9 @@ validated against the registered config model.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -32,9 +32,30 @@ KINDS = (
 
 
 class ComponentConfig(BaseModel):
-    """Base for every component config: unknown keys are errors."""
+    """Base for every component config: unknown keys are errors, numbers must be finite."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+class ConfigIssue(NamedTuple):
+    """A problem a config's resource check found: the option (relative to the table) and what is wrong."""
+
+    key: str  # the option's name in the component table, e.g. "tokenizer"; "" for the whole table
+    message: str
+
+
+class ResourceChecked(Protocol):
+    """A component config that checks what it points at: files, model names, shapes.
+
+    Field validators check values; ``check_resources`` checks the world they refer
+    to, which may be slow (reading a file's header, importing timm). The recipe
+    loader calls it on every validated config that defines it, under ``vlforge
+    validate`` and before ``vlforge run`` starts, and reports each issue with the
+    dotted key and the file that set it, beside every other problem of the recipe.
+    Return no issue when all is well; never raise for a user error.
+    """
+
+    def check_resources(self) -> Iterable[ConfigIssue]: ...
 
 
 class RegistryError(VlforgeError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -41,46 +42,102 @@ if TYPE_CHECKING:
     from vlforge.components import BuildContext
     from vlforge.data import CaptionsConfig
 
+log = logging.getLogger("vlforge.data")
+
 
 class Entry(NamedTuple):
     key: str  # "<file stem>/<index in file>"
     image_url: str
     captions: tuple[str, ...]
+    # (counter kind, "file:line: what is wrong") of a record that cannot be used: it is kept in
+    # its place, so keys and chunks stay the same, and counted as a skipped sample when read.
+    problem: tuple[str, str] | None = None
 
 
 class Chunk(NamedTuple):
     entries: np.ndarray  # indices into the entry list, in reading order
 
 
+WARNED_LINES = 5  # bad lines warned about one by one per file; the rest are summed up
+
+
 def read_caption_file(url: str, image_root: str = "") -> list[Entry]:
-    """The entries of one JSON or JSONL caption file (``image_root`` default: the file's folder)."""
+    """The entries of one JSON or JSONL caption file (``image_root`` default: the file's folder).
+
+    A JSON list is one document: if it cannot be read, nothing of it can (a UserError naming
+    the file and where). In JSON lines, each line stands alone: a line that is not UTF-8, not
+    JSON, has no ``image`` or no text caption becomes an entry with a ``problem``, warned about
+    with the file and its line number and counted as a skipped sample (``skipped_bad_line``,
+    ``skipped_bad_entry``) when read.
+    """
     import fsspec
 
     try:
-        with fsspec.open(url, "rt", compression="infer", encoding="utf-8") as stream:
-            text = stream.read()
+        with fsspec.open(url, "rb", compression="infer") as stream:
+            data = stream.read()
     except OSError as exc:
         raise UserError(f"caption file {url}: {type(exc).__name__}: {exc}") from exc
-    try:
-        stripped = text.lstrip()
-        records = json.loads(stripped) if stripped.startswith("[") else _json_lines(text)
-    except ValueError as exc:
-        raise UserError(f"caption file {url}: not JSON or JSON lines ({exc})") from exc
     root = image_root or parent_url(url)
     stem = url.rsplit("/", 1)[-1].split(".", 1)[0]
-    return [_entry(record, f"{stem}/{index}", root, url) for index, record in enumerate(records)]
+    if data.lstrip().startswith(b"["):
+        records = [(index + 1, record, None) for index, record in enumerate(_json_list(data, url))]
+        where = "entry"
+    else:
+        records = list(_json_lines(data))
+        where = "line"
+    entries = [
+        _entry(record, f"{stem}/{index}", root, f"{url}:{where} {number}", failure)
+        for index, (number, record, failure) in enumerate(records)
+    ]
+    _warn_bad(url, [entry.problem for entry in entries if entry.problem])
+    return entries
 
 
-def _json_lines(text: str) -> list[Any]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+def _json_list(data: bytes, url: str) -> list[Any]:
+    try:
+        records = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"caption file {url}: not UTF-8 (byte 0x{data[exc.start]:02x} at {exc.start})"
+        ) from None
+    except ValueError as exc:
+        raise UserError(f"caption file {url}: not JSON ({exc})") from None
+    if not isinstance(records, list):
+        raise UserError(f"caption file {url}: a JSON list of entries is needed, got {type(records).__name__}")
+    return records
 
 
-def _entry(record: Any, key: str, root: str, url: str) -> Entry:
-    if not isinstance(record, dict) or "image" not in record:
-        raise UserError(f"caption file {url}: entry {key} has no 'image' (got {str(record)[:80]})")
+def _json_lines(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number from 1, record, why it could not be read or None) of every non-blank line."""
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line.decode("utf-8")), None
+        except UnicodeDecodeError as exc:
+            yield number, None, f"not UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})"
+        except ValueError as exc:
+            yield number, None, f"not JSON ({exc})"
+
+
+def _entry(record: Any, key: str, root: str, where: str, failure: str | None) -> Entry:
+    """An entry from one record; a record that cannot be used gives an entry with its problem."""
+    if failure is not None:
+        return Entry(key, "", (), ("bad_line", f"{where}: {failure}"))
+    if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+        return Entry(key, "", (), ("bad_entry", f"{where}: no 'image' path (got {str(record)[:80]})"))
     captions = record.get("caption", record.get("captions", ()))
-    captions = (captions,) if isinstance(captions, str) else tuple(captions)
-    return Entry(key, join_url(root, record["image"]), captions)
+    captions = (captions,) if isinstance(captions, str) else captions
+    if not isinstance(captions, list | tuple) or not all(isinstance(text, str) for text in captions):
+        return Entry(key, "", (), ("bad_entry", f"{where}: the caption is not text (got {captions!r:.80})"))
+    return Entry(key, join_url(root, record["image"]), tuple(captions))
+
+
+def _warn_bad(url: str, problems: list[tuple[str, str]]) -> None:
+    for _, detail in problems[:WARNED_LINES]:
+        log.warning("data: skipping %s", detail)
+    if len(problems) > WARNED_LINES:
+        log.warning("data: skipping %d more bad records of %s", len(problems) - WARNED_LINES, url)
 
 
 class CaptionsSource(StreamingSource):
@@ -125,12 +182,14 @@ class CaptionsSource(StreamingSource):
     def read(self, unit: Chunk, start: int) -> Iterator[tuple[Entry, bytes | None]]:
         for index in unit.entries[start:]:
             entry = self.entries[index]
-            yield entry, _image_bytes(entry.image_url)
+            yield entry, None if entry.problem else _image_bytes(entry.image_url)
 
     def decode(
         self, raw: tuple[Entry, bytes | None], seed: int, epoch: int, counts: Counter[str]
     ) -> ImageText:
         entry, image = raw
+        if entry.problem is not None:
+            raise BadSample(*entry.problem)
         if image is None:
             raise BadSample("unreadable_image", f"{entry.key}: cannot read {entry.image_url}")
         captions = [clean_caption(text, self.config.max_words) for text in entry.captions]
@@ -164,6 +223,8 @@ class CaptionsSource(StreamingSource):
         return EvalSplit(entries, functools.partial(self._held_out, split))
 
     def _held_out(self, split: str, entry: Entry) -> ImageText:
+        if entry.problem is not None:  # a held-out split is evaluated whole, or not at all
+            raise UserError(f"held-out split '{split}': {entry.problem[1]}")
         image = _image_bytes(entry.image_url)
         if image is None or not entry.captions:
             raise UserError(f"held-out split '{split}': entry {entry.key} has no readable image or caption")

@@ -1,12 +1,13 @@
 """CLI subcommands of this package (added to `vlforge` by vlforge.cli; keep imports light).
 
 vlforge data pack SRC DEST      shards from a folder of images + .txt captions, or a caption file
-vlforge data inspect URL        sample counts per shard and a few samples
+vlforge data inspect URL        sample counts per shard and a few samples (exit 1 if a shard is broken)
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +22,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pack.add_argument("dest", help="folder or fsspec URL for the shards")
     pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     pack.add_argument("--image-root", default="", help="caption file: folder its image paths are relative to")
+    pack.add_argument(
+        "--seed", type=int, default=0, help="seed of the shuffle (default 0; kept in pack.json)"
+    )
+    pack.add_argument("--no-shuffle", action="store_true", help="keep the sorted order of SRC in the shards")
     pack.add_argument("--no-progress", action="store_true", help="no progress bar")
     pack.set_defaults(func=cmd_pack)
 
@@ -43,10 +48,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
         args.dest,
         shard_size=args.shard_size,
         image_root=args.image_root,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
         progress=not args.no_progress,
     )
     last = len(report.shards) - 1
-    print(f"vlforge: {report.samples} samples in {len(report.shards)} shards under {args.dest}")
+    order = "sorted order" if args.no_shuffle else f"shuffled, seed {args.seed}"
+    print(f"vlforge: {report.samples} samples in {len(report.shards)} shards under {args.dest} ({order})")
     if report.skipped:
         print("vlforge: left out " + ", ".join(f"{n} {kind}" for kind, n in sorted(report.skipped.items())))
     print(f'vlforge: urls = "{args.dest.rstrip("/")}/{{00000..{last:05d}}}.tar"')
@@ -70,4 +78,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"total: {total} samples in {len(summaries)} shards ({broken} broken)")
     for sample in examples:
         print(describe_sample(sample))
-    return 0
+    if broken:
+        print(f"vlforge: {broken} of {len(summaries)} shards are BROKEN", file=sys.stderr)
+    return 1 if broken else 0

@@ -8,12 +8,17 @@ which the ``webdataset`` source reads for its epoch length), from either
 * a caption file (JSON/JSONL of {image, caption(s)}, as the ``captions`` source reads).
 
 Images are stored as they are (no re-encoding). An entry of several captions
-keeps the first in ``.txt`` and all of them in ``.json``.
+keeps the first in ``.txt`` and all of them in ``.json``. Samples are shuffled
+before they are cut into shards (seeded; ``pack.json`` records the seed), so
+each shard holds a fair share of every class of a sorted folder; ``shuffle=False``
+keeps the sorted order. What cannot be packed (no caption, a caption file that is
+not UTF-8, a bad caption-file line, an unreadable image) is left out and counted.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +33,9 @@ from vlforge.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+MANIFEST_FILE = "pack.json"  # how the shards were made: source, order, seed, what was left out
+
+log = logging.getLogger("vlforge.data")
 
 
 @dataclass
@@ -35,6 +43,7 @@ class PackItem:
     source: str  # where the image came from (kept in key.json)
     image_url: str
     captions: tuple[str, ...]
+    problem: tuple[str, str] | None = None  # (counter kind, detail) of an item that cannot be packed
 
 
 @dataclass
@@ -51,7 +60,7 @@ def pack_items(src: str, image_root: str = "") -> list[PackItem]:
     """What ``src`` holds: a caption file's entries, or a folder's images with their .txt captions."""
     if src.endswith(CAPTION_FILE_SUFFIXES):
         return [
-            PackItem(entry.key, entry.image_url, entry.captions)
+            PackItem(entry.key, entry.image_url, entry.captions, entry.problem)
             for entry in read_caption_file(src, image_root)
         ]
     folder = Path(src)
@@ -60,27 +69,49 @@ def pack_items(src: str, image_root: str = "") -> list[PackItem]:
             f"{src}: neither a folder of images nor a caption file ({', '.join(CAPTION_FILE_SUFFIXES)})"
         )
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return [
-        PackItem(str(image.relative_to(folder)), str(image), _folder_captions(image.with_suffix(".txt")))
-        for image in images
-    ]
+    return [_folder_item(folder, image) for image in images]
 
 
-def _folder_captions(path: Path) -> tuple[str, ...]:
-    return (path.read_text(encoding="utf-8").strip(),) if path.is_file() else ()
+def _folder_item(folder: Path, image: Path) -> PackItem:
+    """An image of a folder with the caption of the same-named .txt (UTF-8) beside it."""
+    source, caption_file = str(image.relative_to(folder)), image.with_suffix(".txt")
+    if not caption_file.is_file():
+        return PackItem(source, str(image), ())
+    data = caption_file.read_bytes()
+    try:
+        return PackItem(source, str(image), (data.decode("utf-8").strip(),))
+    except UnicodeDecodeError as exc:
+        detail = f"{caption_file}: not UTF-8 (byte 0x{data[exc.start]:02x} at {exc.start}); save it as UTF-8"
+        log.warning("data: skipping %s", detail)
+        return PackItem(source, str(image), (), ("caption_not_utf8", detail))
 
 
 def pack(
-    src: str, dest: str, *, shard_size: int = 1000, image_root: str = "", progress: bool = True
+    src: str,
+    dest: str,
+    *,
+    shard_size: int = 1000,
+    image_root: str = "",
+    shuffle: bool = True,
+    seed: int = 0,
+    progress: bool = True,
 ) -> PackReport:
-    """Write ``src`` as shards ``dest/00000.tar``... and ``dest/sizes.json``; returns what was written."""
+    """Write ``src`` as shards ``dest/00000.tar``... and ``dest/sizes.json``; returns what was written.
+
+    ``shuffle``: the samples' order is a permutation seeded by ``seed`` (recorded in
+    ``dest/pack.json``), else the sorted order of ``src``.
+    """
     import fsspec
+    import numpy as np
     from tqdm.auto import tqdm
 
+    fs, root = fsspec.core.url_to_fs(dest)
+    _check_destination(fs, root, dest)
     items = pack_items(src, image_root)
     if not items:
         raise UserError(f"{src}: nothing to pack")
-    fs, root = fsspec.core.url_to_fs(dest)
+    if shuffle:
+        items = [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
     fs.makedirs(root, exist_ok=True)
     report = PackReport()
     digits = len(str(shard_size - 1))
@@ -96,7 +127,24 @@ def pack(
     bar.close()
     with fs.open(f"{root}/{SIZES_FILE}", "w") as stream:
         json.dump(report.shards, stream, indent=1)
+    manifest = {
+        "source": src,
+        "shuffle": shuffle,
+        "seed": seed if shuffle else None,
+        "samples": report.samples,
+        "skipped": dict(sorted(report.skipped.items())),
+    }
+    with fs.open(f"{root}/{MANIFEST_FILE}", "w") as stream:
+        json.dump(manifest, stream, indent=1)
     return report
+
+
+def _check_destination(fs: Any, root: str, dest: str) -> None:
+    """DEST must be a new or empty folder: packing never overwrites a file or earlier shards."""
+    if fs.isfile(root):
+        raise UserError(f"DEST {dest} is a file; give a folder (new or empty) for the shards")
+    if fs.isdir(root) and fs.ls(root, detail=False):
+        raise UserError(f"DEST {dest} is not empty; give a new or empty folder for the shards")
 
 
 def _samples(
@@ -106,6 +154,9 @@ def _samples(
     batch: list[dict[str, Any]] = []
     for item in items:
         bar.update(1)
+        if item.problem is not None:
+            skipped[item.problem[0]] += 1
+            continue
         captions = [caption.strip() for caption in item.captions if caption.strip()]
         if not captions:
             skipped["missing_caption"] += 1

@@ -38,7 +38,7 @@ import itertools
 import logging
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlforge.data.tar import BadShard
+from vlforge.data.urls import take_http_retries
 from vlforge.errors import RunFailed
 from vlforge.hookspecs import hookimpl
 
@@ -185,28 +186,67 @@ def file_units(urls: list[str], seed: int, epoch: int, shuffle: bool) -> list[Fi
 SIZES_FILE = "sizes.json"  # {shard file name: samples}, written by `vlforge data pack`
 
 
-def count_samples(urls: list[str], count_shard: Any) -> int:
-    """Samples in ``urls``: from ``sizes.json`` beside the first shard, else first shard's count x shards."""
+def count_samples(urls: list[str], count_shard: Callable[[str], int]) -> int:
+    """Samples in ``urls`` (the epoch length): from ``sizes.json`` beside the first shard, else estimated.
+
+    Shards that ``sizes.json`` lacks (or all, without one) are estimated as the mean of
+    the known sizes, or else by counting the first shard that reads to its end: a
+    missing or damaged shard is passed over here, and counted when the stream meets it.
+    """
+    names = [url.rsplit("/", 1)[-1] for url in urls]
+    sizes, sizes_url = _read_sizes(urls[0])
+    known = {name: int(sizes[name]) for name in names if isinstance(sizes.get(name), int)}
+    if len(known) == len(names):
+        return sum(known.values())
+    per_shard = sum(known.values()) / len(known) if known else _count_first_readable(urls, count_shard)
+    if known:
+        lacking = [name for name in names if name not in known]
+        log.warning(
+            "data: %s lacks %d of the %d shards (%s); estimating %.0f samples for each of them",
+            sizes_url,
+            len(lacking),
+            len(names),
+            ", ".join(lacking[:3]) + (" ..." if len(lacking) > 3 else ""),
+            per_shard,
+        )
+    else:
+        log.warning(
+            "data: no usable %s beside %s; estimating %.0f samples per shard (set num_samples to be exact)",
+            SIZES_FILE,
+            urls[0],
+            per_shard,
+        )
+    return max(1, round(sum(known.values()) + per_shard * (len(names) - len(known))))
+
+
+def _read_sizes(first_url: str) -> tuple[dict[str, Any], str]:
+    """The ``sizes.json`` beside a shard ({} when absent or not a JSON object) and its URL."""
     import json
 
     from vlforge.data.urls import parent_url, read_bytes
 
-    folder = parent_url(urls[0])
+    folder = parent_url(first_url)
+    url = f"{folder}/{SIZES_FILE}" if folder else SIZES_FILE
     try:
-        sizes = json.loads(read_bytes(f"{folder}/{SIZES_FILE}" if folder else SIZES_FILE))
-    except (OSError, ValueError):
-        sizes = {}
-    names = [url.rsplit("/", 1)[-1] for url in urls]
-    if sizes and all(name in sizes for name in names):
-        return sum(int(sizes[name]) for name in names)
-    first = count_shard(urls[0])
-    log.warning(
-        "data: no %s beside %s; estimating %d samples per shard (set num_samples to be exact)",
-        SIZES_FILE,
-        urls[0],
-        first,
-    )
-    return max(1, first * len(urls))
+        sizes = json.loads(read_bytes(url))
+    except FileNotFoundError:
+        return {}, url
+    except (OSError, ValueError) as exc:
+        log.warning("data: cannot use %s (%s: %s)", url, type(exc).__name__, exc)
+        return {}, url
+    return (sizes if isinstance(sizes, dict) else {}), url
+
+
+def _count_first_readable(urls: list[str], count_shard: Callable[[str], int]) -> int:
+    """The sample count of the first shard that reads to its end (0 if none does)."""
+    for url in urls:
+        try:
+            return count_shard(url)
+        except BadShard as exc:
+            log.warning(
+                "data: cannot count %s for the epoch length (%s: %s); trying the next", url, exc.kind, exc
+            )
+    return 0
 
 
 # --------------------------------------------------------------------------- worker side
@@ -273,6 +313,9 @@ def reader_batches(
     fruitless_since: int | None = None  # epoch from which no sample has been usable
     for position, item in reader_items(source, reader, readers, start, seed):
         counts["shards"] += position.offset == 0  # a unit finished (read to its end or broken off)
+        retries = take_http_retries()  # this process is this reader's alone
+        if retries:
+            counts["http_retries"] += retries
         example = None
         if isinstance(item, Skip):
             counts[item.counter] += 1

@@ -45,7 +45,10 @@ def read_samples(url: str) -> Iterator[dict[str, Any]]:
     started = False  # a member has been read: later failures are damage, not an unreachable shard
     # Anything raised while reading this shard's bytes (fsspec, aiohttp, tarfile) is the shard's failure.
     try:
-        with open_for_reading(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+        with (
+            open_for_reading(url) as raw,
+            tarfile.open(fileobj=(stream := _Tail(raw)), mode="r|*") as archive,
+        ):
             for member in archive:
                 if not member.isfile():
                     continue
@@ -59,10 +62,35 @@ def read_samples(url: str) -> Iterator[dict[str, Any]]:
                 sample[URL_FIELD] = url
                 sample[field] = archive.extractfile(member).read()
                 started = True
+            if archive.fileobj.comptype == "tar" and not stream.ends_archive():
+                raise EOFError("truncated: the shard ends without tar's end-of-archive block")
     except Exception as exc:
         raise BadShard(failure_kind(exc, started), f"{url}: {type(exc).__name__}: {exc}") from exc
     if sample:
         yield sample
+
+
+class _Tail:
+    """A read-only stream that remembers how many bytes it gave and the last block of them.
+
+    tarfile's stream mode takes a shard cut at a member boundary, or inside a header,
+    for the end of the archive; a whole tar ends with zero blocks, a cut one does not.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream, self.size, self.tail = stream, 0, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.size += len(data)
+        self.tail = (self.tail + data)[-tarfile.BLOCKSIZE :]
+        return data
+
+    def ends_archive(self) -> bool:
+        """Whether what was read, and what is left, ends like a whole tar (whole zero blocks)."""
+        while self.read(tarfile.RECORDSIZE):  # the rest is padding after the end-of-archive block
+            pass
+        return self.size % tarfile.BLOCKSIZE == 0 and not self.tail.strip(b"\0")
 
 
 def failure_kind(exc: Exception, started: bool) -> str:

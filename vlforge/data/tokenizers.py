@@ -12,15 +12,37 @@
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 from typing import Any
 
+from vlforge.registry import did_you_mean
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+BUILTIN_PREFIX = "vlforge:"
+BUILTIN_NAMES = ("shapes",)  # the keys of _builtin_vocabularies(), known without importing torch
 
 
 def _builtin_vocabularies() -> dict[str, list[str]]:
     from vlforge.data.synthetic import VOCABULARY
 
     return {"shapes": VOCABULARY}
+
+
+def tokenizer_spec_problem(spec: str) -> str | None:
+    """Why ``load_tokenizer(spec)`` would fail, checked without loading anything; None if it can load."""
+    if spec.startswith(BUILTIN_PREFIX):
+        valid = [f"{BUILTIN_PREFIX}{name}" for name in BUILTIN_NAMES]
+        if spec not in valid:
+            return (
+                f"unknown built-in tokenizer '{spec}'{did_you_mean(spec, valid)} (valid: {', '.join(valid)})"
+            )
+        return None
+    if not Path(spec).is_dir():
+        return (
+            f"tokenizer folder '{spec}' not found: give a local folder with tokenizer files "
+            f"or a built-in one ({', '.join(BUILTIN_PREFIX + name for name in BUILTIN_NAMES)})"
+        )
+    return None
 
 
 def word_level_tokenizer(words: list[str]) -> Any:
@@ -49,8 +71,8 @@ def word_level_tokenizer(words: list[str]) -> Any:
 @cache
 def load_tokenizer(spec: str) -> Any:
     """A transformers tokenizer for ``spec`` (see module docstring)."""
-    if spec.startswith("vlforge:"):
-        name = spec.removeprefix("vlforge:")
+    if spec.startswith(BUILTIN_PREFIX):
+        name = spec.removeprefix(BUILTIN_PREFIX)
         vocabularies = _builtin_vocabularies()
         if name not in vocabularies:
             raise ValueError(f"unknown built-in tokenizer '{spec}' (valid: {', '.join(vocabularies)})")

@@ -6,11 +6,13 @@ config models and registers factories that import the heavy code when called.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vlforge.registry import ComponentConfig, Registry
+from vlforge.registry import ComponentConfig, ConfigIssue, Registry, did_you_mean
 
 if TYPE_CHECKING:
     from vlforge.components import BuildContext
@@ -72,6 +74,27 @@ class TimmViTConfig(ComponentConfig):
             raise ValueError(f"set by vlforge, not through timm_kwargs: {', '.join(owned)}")
         return kwargs
 
+    def check_resources(self) -> Iterator[ConfigIssue]:
+        """The timm model name exists; the pretrained file exists and its shapes fit (imports timm)."""
+        import timm
+
+        if not timm.is_model(self.model):
+            hint = did_you_mean(self.model, timm.list_models())
+            yield ConfigIssue(
+                "model", f"unknown timm model '{self.model}'{hint} (`timm.list_models()` lists them)"
+            )
+            return
+        if self.pretrained is None:
+            return
+        if not Path(self.pretrained).is_file():
+            yield ConfigIssue("pretrained", f"weights file '{self.pretrained}' not found")
+            return
+        from vlforge.encoders.vision import pretrained_problem
+
+        problem = pretrained_problem(self)
+        if problem:
+            yield ConfigIssue("pretrained", problem)
+
 
 class HFTextConfig(ComponentConfig):
     """``[model.text] type = "hf.text"``: a transformers model (AutoModel) and its tokenizer.
@@ -112,6 +135,18 @@ class HFTextConfig(ComponentConfig):
             if self.tokenizer is None:
                 raise ValueError("'config' needs a 'tokenizer' (e.g. 'vlforge:shapes' or a local folder)")
         return self
+
+    def check_resources(self) -> Iterator[ConfigIssue]:
+        """The pretrained folder and the tokenizer exist (nothing is loaded)."""
+        from vlforge.data.tokenizers import tokenizer_spec_problem
+
+        if self.pretrained is not None and not Path(self.pretrained).is_dir():
+            yield ConfigIssue("pretrained", f"model folder '{self.pretrained}' not found")
+            if self.tokenizer is None:
+                return  # the tokenizer would come from that same folder
+        problem = tokenizer_spec_problem(self.tokenizer or self.pretrained or "")
+        if problem:
+            yield ConfigIssue("tokenizer" if self.tokenizer else "pretrained", problem)
 
 
 def build_timm_vit(config: TimmViTConfig, ctx: BuildContext) -> Any:

@@ -130,24 +130,79 @@ def _create(config: TimmViTConfig) -> VisionTransformer:
 
 
 def load_timm_weights(vit: VisionTransformer, path: str) -> None:
-    """Load a weights file into ``vit``: every trunk tensor must fit; a classifier head is dropped.
+    """Load a weights file into ``vit``: every trunk tensor must fit; a classifier head is dropped."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"timm.vit: pretrained weights file not found: {path}")
+    vit.load_state_dict(fitted_state(vit, load_state_dict(path), path), strict=False)
+
+
+def fitted_state(
+    vit: VisionTransformer, state: dict[str, torch.Tensor], path: str
+) -> dict[str, torch.Tensor]:
+    """``state`` in ``vit``'s layout; raises ValueError naming what does not fit.
 
     timm's ViT checkpoint filter converts known layouts (OpenAI/open_clip CLIP,
     DINOv2, ...) and resamples position and patch embeddings to this model.
+    Works on meta tensors too, so ``pretrained_problem`` checks shapes without
+    reading weights.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"timm.vit: pretrained weights file not found: {path}")
-    state = load_state_dict(path)
     state = checkpoint_filter_fn(state, vit, adapt_layer_scale=True)
     classifiers = vit.pretrained_cfg.get("classifier") or "head"
     heads = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
     state = {key: value for key, value in state.items() if key.split(".")[0] not in heads}
-    result = vit.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    own = vit.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    resized = [
+        f"{key} {tuple(value.shape)} in the file, {tuple(own[key].shape)} in the model"
+        for key, value in state.items()
+        if key in own and value.shape != own[key].shape
+    ]
+    found = [
+        f"{what} {_first(keys, count)}"
+        for what, keys, count in [
+            ("other shapes", resized, 3),
+            ("missing", missing, 8),
+            ("unexpected", unexpected, 8),
+        ]
+        if keys
+    ]
+    if found:
         raise ValueError(
-            f"timm.vit: {path} does not fit {vit.pretrained_cfg.get('architecture', 'the model')}: "
-            f"missing {_first(result.missing_keys)}, unexpected {_first(result.unexpected_keys)}"
+            f"{path} does not fit {vit.pretrained_cfg.get('architecture', 'the model')}: {'; '.join(found)}"
         )
+    return state
+
+
+def pretrained_problem(config: TimmViTConfig) -> str | None:
+    """Why ``config.pretrained`` cannot load into the configured model, from shapes alone; None if it fits.
+
+    The model is built on the meta device and the file's tensors are read as
+    shapes (a safetensors header, or a torch file mapped to the meta device), so
+    this takes a moment whatever the file's size.
+    """
+    with torch.device("meta"):
+        vit = _create(config)
+    try:
+        state = _shapes_of(config.pretrained)
+    except Exception as exc:  # any reader's failure means the same to the user: not a weights file
+        return f"cannot read {config.pretrained} as weights: {type(exc).__name__}: {exc}"
+    try:
+        fitted_state(vit, state, config.pretrained)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _shapes_of(path: str) -> dict[str, torch.Tensor]:
+    """A weights file's tensors as meta tensors of their shapes (nothing is read beyond the header)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as weights:
+            names = weights.keys()  # safe_open is no mapping: it has keys() but no iteration
+            return {key: torch.empty(weights.get_slice(key).get_shape(), device="meta") for key in names}
+    return load_state_dict(path, device="meta")
 
 
 def _first(keys: list[str], n: int = 8) -> str:
