@@ -54,7 +54,7 @@ def run_job(job: RunJob) -> str:
     status, reason = "failed", None
     try:
         trainer = Trainer(recipe, plugins, job.run_dir, run)
-        latest = ckpt.latest_checkpoint(job.run_dir) if job.resume else None
+        latest = ckpt.resume_checkpoint(job.run_dir) if job.resume else None  # the newest intact
         if latest:
             trainer.restore(latest)
         status = trainer.fit()
