@@ -18,10 +18,9 @@ from torch import nn
 pytestmark = pytest.mark.slow
 
 
-def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    return model, None  # the optimizer comes after sharding
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
 def shard(model: nn.Module) -> None:
@@ -56,7 +55,7 @@ def worker(rank: int, world: int, port: int, run_dir: str, mode: str, report: st
 
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    model, _ = build(seed=0 if mode == "save" else 99)  # the loaded model starts different
+    model = build(seed=0 if mode == "save" else 99)  # the loaded model starts different
     if world > 1:
         shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
