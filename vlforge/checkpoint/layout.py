@@ -26,6 +26,8 @@ from typing import Any
 
 import fsspec
 
+from vlforge.results.rundir import to_url
+
 STEP_DIR = re.compile(r"step_(\d{8})$")
 LEGACY_FILE = re.compile(r"step_(\d{8})\.pt$")
 TMP_SUFFIX = ".tmp"
@@ -68,7 +70,7 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
         directory = entry["type"] == "directory"
         match = STEP_DIR.search(name) if directory else LEGACY_FILE.search(name)
         if match:
-            found.append((int(match.group(1)), fs.unstrip_protocol(entry["name"])))
+            found.append((int(match.group(1)), to_url(fs, entry["name"])))
     return sorted(found)
 
 
@@ -138,7 +140,7 @@ def commit(url: str, manifest: dict[str, Any], world_size: int, timeout_s: float
         fs.rm(f"{directory}/parts_{rank}.json")
     final = directory.removesuffix(TMP_SUFFIX)
     fs.mv(directory, final, recursive=True)
-    return fs.unstrip_protocol(final)
+    return to_url(fs, final)
 
 
 def read_manifest(url: str) -> dict[str, Any]:

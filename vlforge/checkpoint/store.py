@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from vlforge import distributed as dist
 from vlforge.checkpoint import layout
+from vlforge.results.rundir import to_url
 
 
 @contextmanager
@@ -141,7 +142,7 @@ class Checkpointer:
             torch.save(train_state, buffer)
             fs.pipe_file(f"{tmp}/{layout.TRAIN_STATE}", buffer.getvalue())
         dist.barrier()
-        return fs.unstrip_protocol(tmp)
+        return to_url(fs, tmp)
 
     def _finish(self, url: str, manifest: dict[str, Any]) -> str | None:
         """Hash this rank's files; rank 0 commits once every rank has, then prunes."""

@@ -1,0 +1,198 @@
+"""Checkpoints: manifest and checksums, fallback to the newest intact one, kill -9 mid-save."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vlforge import checkpoint as ckpt
+from vlforge.cli import main
+from vlforge.results.queries import query
+
+from .test_engine import losses, run_ids, test_plugin  # noqa: F401 (a fixture)
+
+
+def save_three(run_dir: str, keep: int = 3) -> nn.Module:
+    model = nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    saver = ckpt.Checkpointer(run_dir, keep=keep)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        saver.save(step, model, optimizer, {"step": step})
+    return model
+
+
+def biggest_shard(url: str) -> Path:
+    return max((p for p in Path(url).iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_400_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 400] = bytes(b ^ 0xFF for b in data[middle : middle + 400])
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_records_every_part_and_keep_prunes(tmp_path):
+    run_dir = str(tmp_path / "run")
+    save_three(run_dir, keep=2)
+    assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == [2, 3]
+    manifest = ckpt.read_manifest(ckpt.latest_checkpoint(run_dir))
+    assert manifest["step"] == 3 and manifest["world_size"] == 1 and manifest["format"] == 2
+    on_disk = {p.name: p.stat().st_size for p in Path(ckpt.latest_checkpoint(run_dir)).iterdir()}
+    assert {name: part["size"] for name, part in manifest["parts"].items()} == {
+        name: size for name, size in on_disk.items() if name != "manifest.json"
+    }
+    assert all(len(part["sha256"]) == 64 for part in manifest["parts"].values())
+    assert manifest["bytes"] == sum(part["size"] for part in manifest["parts"].values())
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_400_bytes])
+def test_resume_checkpoint_skips_a_damaged_latest_and_says_why(tmp_path, capsys, damage):
+    run_dir = str(tmp_path / "run")
+    save_three(run_dir)
+    latest = ckpt.latest_checkpoint(run_dir)
+    damage(biggest_shard(latest))
+    assert ckpt.verify(latest) is not None
+    chosen = ckpt.resume_checkpoint(run_dir)
+    assert ckpt.step_of(chosen) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {latest} is damaged" in err and "falling back" in err
+    expected = "truncated" if damage is truncate else "sha256"
+    assert expected in err
+    assert ckpt.read_model_state(chosen)["weight"].eq(2).all()
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
+    run_dir = str(tmp_path / "run")
+    save_three(run_dir)
+    for _, url in ckpt.list_checkpoints(run_dir):
+        flip_400_bytes(biggest_shard(url))
+    with pytest.raises(ckpt.NoIntactCheckpoint, match="every checkpoint"):
+        ckpt.resume_checkpoint(run_dir)
+
+
+def test_load_model_weights_names_mismatched_tensors(tmp_path):
+    from vlforge.errors import UserError
+
+    run_dir = str(tmp_path / "run")
+    save_three(run_dir)
+    model = nn.Linear(64, 64)
+    ckpt.load_model_weights(model, run_dir)
+    assert model.weight.eq(3).all()
+    with pytest.raises(UserError, match=r"weight: saved \(64, 64\), model \(32, 64\)"):
+        ckpt.load_model_weights(nn.Linear(64, 32), run_dir)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def train_loss_rows(run_dir: Path) -> list[int]:
+    """Steps of the train/loss rows in a run's metric chunks (what a kill -9 leaves on disk)."""
+    rows = [json.loads(line) for chunk in (run_dir / "metrics").glob("*.jsonl") for line in chunk.open()]
+    return sorted(row["step"] for row in rows if row["name"] == "train/loss")
+
+
+def steps_logged_twice(root: Path, run_id: str) -> list[int]:
+    rows = json.loads(
+        query(
+            str(root),
+            f"SELECT step FROM metrics WHERE run_id = '{run_id}' AND name = 'train/loss' "
+            "GROUP BY step HAVING count(*) > 1",
+            "json",
+        )
+    )
+    return [row["step"] for row in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [truncate, flip_400_bytes])
+def test_damaged_latest_falls_back_and_the_run_matches_the_uninterrupted_one(
+    tiny_recipe,
+    runs_root,
+    test_plugin,  # noqa: F811 (the fixture imported above)
+    capfd,
+    damage,
+):
+    every_2 = [*test_plugin, "train.checkpoint_every=2"]
+    assert main(["run", str(tiny_recipe), *every_2]) == 0
+    (reference,) = run_ids(runs_root)
+    assert main(["run", str(tiny_recipe), *every_2, "objectives.contrastive.interrupt_after_step=4"]) == 130
+    (run_id,) = set(run_ids(runs_root)) - {reference}
+    run_dir = next(runs_root.glob(f"*/{run_id}"))
+    assert [s for s, _ in ckpt.list_checkpoints(str(run_dir))] == [2, 4]
+    damage(biggest_shard(ckpt.latest_checkpoint(str(run_dir))))
+    capfd.readouterr()
+
+    resume = ["run", str(tiny_recipe), *every_2, "objectives.contrastive.interrupt_after_step=4", "--resume"]
+    assert main(resume) == 130  # from step 2, so the plugin interrupts at step 4 once more
+    err = capfd.readouterr().err
+    assert "step_00000004 is damaged" in err and "resuming from" in err and "step_00000002" in err
+    assert main(resume) == 0  # from the new, intact step 4
+    assert losses(runs_root, run_id) == losses(runs_root, reference)  # bitwise, steps 1..6
+    assert steps_logged_twice(runs_root, run_id) == []
+
+
+# A run that SIGKILLs itself at a given point of its second checkpoint (step 4 of 6).
+KILLER = """
+import os, signal, sys
+from vlforge.checkpoint import layout, store
+
+point, calls = os.environ["KILL_AT"], []
+
+def killing(function):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return wrapper
+
+if point == "start":  # before anything of it is written
+    store.Checkpointer._prepare = killing(store.Checkpointer._prepare)
+elif point == "shards":  # shards written, not yet hashed or committed
+    layout.write_rank_parts = killing(layout.write_rank_parts)
+elif point == "committed":  # renamed into place, older ones not yet pruned
+    layout.prune = killing(layout.prune)
+
+from vlforge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["start", "shards", "committed"])
+def test_kill_9_during_a_save_loses_no_metric_and_resume_continues(tiny_recipe, runs_root, tmp_path, point):
+    args = [str(tiny_recipe), "train.checkpoint_every=2", "train.keep_checkpoints=1"]
+    assert main(["run", *args]) == 0
+    (reference,) = run_ids(runs_root)
+    killer = tmp_path / "killer.py"
+    killer.write_text(textwrap.dedent(KILLER))
+    env = {**os.environ, "KILL_AT": point}
+    done = subprocess.run(
+        [sys.executable, str(killer), "run", *args], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == -9, done.stderr
+    (run_dir,) = [d for d in runs_root.glob("tests/*") if d.name != reference]
+    assert train_loss_rows(run_dir) == [1, 2, 3, 4]  # flushed before the checkpoint of step 4
+    latest = ckpt.resume_checkpoint(str(run_dir))
+    assert ckpt.step_of(latest) == (4 if point == "committed" else 2)
+
+    assert main(["run", *args, "--resume"]) == 0
+    assert losses(runs_root, run_dir.name) == losses(runs_root, reference)
+    assert steps_logged_twice(runs_root, run_dir.name) == []
+    assert [s for s, _ in ckpt.list_checkpoints(str(run_dir))] == [6]
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))  # a crashed save's leftovers are gone
