@@ -163,7 +163,7 @@ def killing(function):
 
 if point == "start":  # before anything of it is written
     store.Checkpointer._prepare = killing(store.Checkpointer._prepare)
-elif point == "shards":  # shards written, not yet hashed or committed
+elif point in ("shards", "async shards"):  # shards written, not yet hashed or committed
     layout.write_rank_parts = killing(layout.write_rank_parts)
 elif point == "committed":  # renamed into place, older ones not yet pruned
     layout.prune = killing(layout.prune)
@@ -174,9 +174,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["start", "shards", "committed"])
+@pytest.mark.parametrize("point", ["start", "shards", "committed", "async shards"])
 def test_kill_9_during_a_save_loses_no_metric_and_resume_continues(tiny_recipe, runs_root, tmp_path, point):
     args = [str(tiny_recipe), "train.checkpoint_every=2", "train.keep_checkpoints=1"]
+    if point.startswith("async"):  # killed in the thread writing step 4 while training goes on
+        args.append("train.async_checkpoint=true")
     assert main(["run", *args]) == 0
     (reference,) = run_ids(runs_root)
     killer = tmp_path / "killer.py"
@@ -187,7 +189,9 @@ def test_kill_9_during_a_save_loses_no_metric_and_resume_continues(tiny_recipe, 
     )
     assert done.returncode == -9, done.stderr
     (run_dir,) = [d for d in runs_root.glob("tests/*") if d.name != reference]
-    assert train_loss_rows(run_dir) == [1, 2, 3, 4]  # flushed before the checkpoint of step 4
+    rows = train_loss_rows(run_dir)
+    assert rows[:4] == [1, 2, 3, 4]  # flushed before the checkpoint of step 4
+    assert rows == sorted(set(rows))
     latest = ckpt.resume_checkpoint(str(run_dir))
     assert ckpt.step_of(latest) == (4 if point == "committed" else 2)
 
@@ -196,3 +200,20 @@ def test_kill_9_during_a_save_loses_no_metric_and_resume_continues(tiny_recipe, 
     assert steps_logged_twice(runs_root, run_dir.name) == []
     assert [s for s, _ in ckpt.list_checkpoints(str(run_dir))] == [6]
     assert not list((run_dir / "checkpoints").glob("*.tmp"))  # a crashed save's leftovers are gone
+
+
+@pytest.mark.slow
+def test_async_checkpoints_of_two_ranks_resume_on_one(tiny_recipe, runs_root, test_plugin):  # noqa: F811
+    args = [*test_plugin, "train.checkpoint_every=2", "train.async_checkpoint=true"]
+    interrupted = [*args, "objectives.contrastive.interrupt_after_step=5", "launch.nproc=2"]
+    assert main(["run", str(tiny_recipe), *interrupted]) == 130
+    (run_id,) = run_ids(runs_root)
+    run_dir = next(runs_root.glob(f"*/{run_id}"))
+    latest = ckpt.latest_checkpoint(str(run_dir))
+    assert ckpt.read_manifest(latest)["world_size"] == 2 and ckpt.step_of(latest) == 5
+    assert [s for s, _ in ckpt.list_checkpoints(str(run_dir))] == [4, 5]  # the async one of 4 committed
+
+    assert main(["run", str(tiny_recipe), *args, "launch.nproc=1", "--resume"]) == 0
+    assert sorted(losses(runs_root, run_id)) == [1, 2, 3, 4, 5, 6]
+    assert steps_logged_twice(runs_root, run_id) == []
+    assert ckpt.read_manifest(ckpt.latest_checkpoint(str(run_dir)))["world_size"] == 1
