@@ -217,3 +217,71 @@ def test_async_checkpoints_of_two_ranks_resume_on_one(tiny_recipe, runs_root, te
     assert sorted(losses(runs_root, run_id)) == [1, 2, 3, 4, 5, 6]
     assert steps_logged_twice(runs_root, run_id) == []
     assert ckpt.read_manifest(ckpt.latest_checkpoint(str(run_dir)))["world_size"] == 1
+
+
+# --------------------------------------------------------------------------- commands, legacy
+
+
+def test_inspect_and_consolidate(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    save_three(run_dir)
+    assert main(["checkpoint", "inspect", run_dir, "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "step 3, saved at world size 1" in out and "in 3 parts" in out and "__0_0.distcp" in out
+    assert out.count("intact (sha256 checked)") == 3
+
+    output = tmp_path / "one.pt"
+    assert main(["checkpoint", "consolidate", run_dir, "-o", str(output)]) == 0
+    whole = torch.load(output, weights_only=False)
+    assert whole["step"] == 3 and whole["optimizer"]["state"]["weight"]["exp_avg"].shape == (64, 64)
+    for key, value in ckpt.read_model_state(run_dir).items():
+        assert torch.equal(ckpt.read_model_state(str(output))[key], value)
+
+    flip_400_bytes(biggest_shard(ckpt.latest_checkpoint(run_dir)))
+    assert main(["checkpoint", "inspect", ckpt.latest_checkpoint(run_dir), "--verify"]) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+    assert main(["checkpoint", "consolidate", run_dir, "-o", str(output)]) == 2
+    assert main(["checkpoint", "inspect", "no-such-run"]) == 2
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_single_file_format_still_resumes(
+    tiny_recipe,
+    runs_root,
+    test_plugin,  # noqa: F811 (the fixture imported above)
+):
+    """The .pt format of before DCP, written exactly as the old Trainer.save did, resumes bitwise."""
+    from vlforge.engine import Trainer, rng_state
+    from vlforge.recipe import load_recipe
+
+    assert main(["run", str(tiny_recipe), *test_plugin]) == 0
+    (reference,) = run_ids(runs_root)
+    interrupt = [*test_plugin, "objectives.contrastive.interrupt_after_step=2"]
+    assert main(["run", str(tiny_recipe), *interrupt]) == 130
+    (run_id,) = set(run_ids(runs_root)) - {reference}
+    run_dir = next(runs_root.glob(f"*/{run_id}"))
+
+    recipe, plugins = load_recipe(str(run_dir / "recipe.toml"))
+    trainer = Trainer(recipe, plugins, str(run_dir))
+    (dcp_checkpoint,) = [url for _, url in ckpt.list_checkpoints(str(run_dir))]
+    trainer.restore(dcp_checkpoint)
+    train_state = torch.load(Path(dcp_checkpoint) / "train_state.pt", weights_only=False)
+    old = {
+        "version": 1,
+        "run_id": run_id,
+        "progress": vars(trainer.progress).copy(),
+        "data": [trainer.stream.state_dict()],
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.state.optimizer.state_dict(),
+        "scheduler": trainer.state.scheduler.state_dict(),
+        "rng": train_state["rng"],  # the RNG as saved at step 2, not as building the trainer left it
+        "world_size": 1,
+        "plugins": {},
+    }
+    assert rng_state().keys() == old["rng"][0].keys()
+    torch.save(old, run_dir / "checkpoints" / "step_00000002.pt")
+    ckpt.layout.remove(dcp_checkpoint)
+    assert main(["checkpoint", "inspect", str(run_dir), "--verify"]) == 0
+
+    assert main(["run", str(tiny_recipe), *interrupt, "--resume"]) == 0
+    assert losses(runs_root, run_id) == losses(runs_root, reference)

@@ -17,12 +17,10 @@ See docs/checkpoints.md for the layout, the manifest and why.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from vlforge import distributed as dist
 from vlforge.checkpoint.layout import (
+    MANIFEST,
     checkpoint_dir,
     is_legacy,
     latest_checkpoint,
@@ -31,8 +29,22 @@ from vlforge.checkpoint.layout import (
     step_of,
     verify,
 )
-from vlforge.checkpoint.store import Checkpointer
 from vlforge.errors import RunFailed, UserError
+
+if TYPE_CHECKING:  # this package imports torch only when it is used (the CLI stays light)
+    import torch
+    from torch import nn
+
+    from vlforge.checkpoint.store import Checkpointer
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Checkpointer":
+        from vlforge.checkpoint.store import Checkpointer
+
+        return Checkpointer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Checkpointer",
@@ -59,6 +71,8 @@ def resume_checkpoint(run_dir: str) -> str | None:
     Call on every rank: each verifies a share of the files. A damaged checkpoint is skipped,
     with a message on rank 0 naming it and what is wrong; if all are damaged this raises.
     """
+    from vlforge import distributed as dist
+
     found = list_checkpoints(run_dir)
     skipped = []
     for _, url in reversed(found):
@@ -81,12 +95,13 @@ def resume_checkpoint(run_dir: str) -> str | None:
 
 
 def resolve(source: str, key: str = "model.init_from") -> str:
-    """A checkpoint URL from a checkpoint or a run directory; UserError naming ``key`` if none."""
-    try:
-        step_of(source)
+    """A checkpoint URL from a checkpoint (directory or file) or a run directory (its latest);
+    UserError naming ``key`` if there is none."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(source)
+    if fs.isfile(path) or fs.exists(f"{path}/{MANIFEST}"):
         return source.rstrip("/")
-    except ValueError:
-        pass
     url = latest_checkpoint(source)
     if url is None:
         raise UserError(f"{key}: no checkpoint in {source}")

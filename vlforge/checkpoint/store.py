@@ -229,16 +229,30 @@ def load_model(model: nn.Module, url: str) -> list[str]:
     return []
 
 
-def read_model(url: str) -> dict[str, torch.Tensor]:
-    """The full, unsharded model state of a DCP checkpoint, in this process (no collective), on CPU."""
+def read_unsharded(url: str, keys: set[str] | None = None) -> dict[str, Any]:
+    """The DCP state (``model``, ``optimizer``; ``keys`` only, if given) assembled whole in this
+    process, without collectives, on CPU (DCP's ``dcp_to_torch_save`` does the same, to a file)."""
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
     _load_state_dict(
-        state,
-        storage_reader=storage_reader(url),
-        planner=_EmptyStateDictLoadPlanner(keys={"model"}),
-        no_dist=True,
+        state, storage_reader=storage_reader(url), planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True
     )
-    return state["model"]
+    return state
+
+
+def read_model(url: str) -> dict[str, torch.Tensor]:
+    """The full, unsharded model state of a DCP checkpoint, in this process (no collective), on CPU."""
+    return read_unsharded(url, keys={"model"})["model"]
+
+
+def consolidate(url: str, output: str) -> int:
+    """Write the checkpoint as one ``torch.save`` file: its train state plus the whole ``model``
+    and ``optimizer`` (keyed by parameter name). Serves ``model.init_from`` and export; returns bytes."""
+    state = {**read_train_state(url), **read_unsharded(url), "format": "vlforge-consolidated"}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with fsspec.open(output, "wb") as f:
+        f.write(buffer.getbuffer())
+    return buffer.getbuffer().nbytes
