@@ -225,13 +225,18 @@ class Trainer:
                 "plugins": {},
             }
             self.plugins.call("vlforge_save_checkpoint", state=self.state, checkpoint=train_state)
-        last = self.progress.step >= self.recipe.train.steps or self.stop_status is not None
+        train = self.recipe.train
+        # Frozen pretrained weights are rebuilt from the recipe on resume, unless they came from
+        # model.init_from (which a resume does not read again).
+        rebuilt = not train.checkpoint_frozen and not self.recipe.model.init_from
+        last = self.progress.step >= train.steps or self.stop_status is not None
         return self.checkpointer.save(
             self.progress.step,
             self.model,
             self.state.optimizer,
             train_state,
-            blocking=last or not self.recipe.train.async_checkpoint,
+            exclude=ckpt.frozen_pretrained_keys(self.model) if rebuilt else (),
+            blocking=last or not train.async_checkpoint,
         )
 
     def restore(self, url: str) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "checkpoint_dir",
     "is_legacy",
     "latest_checkpoint",
+    "frozen_pretrained_keys",
     "list_checkpoints",
     "load_model_weights",
     "read_manifest",
@@ -92,6 +93,21 @@ def resume_checkpoint(run_dir: str) -> str | None:
     if found:
         raise NoIntactCheckpoint(f"every checkpoint in {checkpoint_dir(run_dir)} is damaged; cannot resume")
     return None
+
+
+def frozen_pretrained_keys(model: nn.Module) -> list[str]:
+    """Model keys of frozen parameters that parts declare rebuilt from the recipe (``PretrainedLike``)."""
+    from vlforge.components import PretrainedLike
+
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    keys = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, PretrainedLike):
+            for name in module.pretrained_parameters():
+                key = f"{prefix}.{name}" if prefix else name
+                if key in parameters and not parameters[key].requires_grad:
+                    keys.append(key)
+    return sorted(keys)
 
 
 def resolve(source: str, key: str = "model.init_from") -> str:
