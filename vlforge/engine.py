@@ -246,7 +246,8 @@ class Trainer:
         for key, value in checkpoint["progress"].items():
             setattr(self.progress, key, value)
         same_world = checkpoint["world_size"] == self.state.world_size
-        # Another world size: rank 0's data position (a sharded stream then restarts its epoch).
+        # Another world size: rank 0's data position; a map-style stream continues its epoch in the
+        # same global order, a sharded one restarts its earliest epoch (docs/data.md).
         self.stream.load_state_dict(checkpoint["data"][self.state.rank if same_world else 0])
         if same_world:
             set_rng_state(checkpoint["rng"][self.state.rank])
