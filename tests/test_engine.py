@@ -113,11 +113,16 @@ def test_parameter_groups_skip_frozen_and_no_decay_params():
 
 def test_latest_checkpoint_ignores_partial_writes(tmp_path):
     run_dir = str(tmp_path / "run")
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    saver = ckpt.Checkpointer(run_dir, keep=2)
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(run_dir, step, {"step": step}, keep=2)
-    (tmp_path / "run" / "checkpoints" / "step_00000009.pt.tmp").write_bytes(b"half a file")
+        with torch.no_grad():
+            model.weight.fill_(step)
+        saver.save(step, model, optimizer, {"step": step})
+    (tmp_path / "run" / "checkpoints" / "step_00000009.tmp").mkdir()  # a save that never committed
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2, 3]
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir)) == {"step": 3}
+    assert ckpt.read_model_state(run_dir)["weight"].eq(3).all()
 
 
 # --------------------------------------------------------------------------- end to end
@@ -196,7 +201,7 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tiny_recipe, runs_root):
     ]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not list(runs_root.glob("*/*/checkpoints/step_*.pt")) and time.time() < deadline:
+    while not list(runs_root.glob("*/*/checkpoints/step_????????/manifest.json")) and time.time() < deadline:
         if process.poll() is not None:
             pytest.fail(process.stderr.read())
         time.sleep(0.5)

@@ -262,7 +262,7 @@ def test_resume_yields_exactly_the_rest_of_the_epoch(world_size: int) -> None:
         iterator = iter(interrupted)
         seen = [next(iterator) for _ in range(5)]
         state = interrupted.state_dict()
-        assert state == {"epoch": 2, "index": 5}
+        assert state == {"epoch": 2, "index": 5, "dealt_from": 0, "world_size": world_size}
         resumed = ResumableSampler(range(40), seed=7, rank=rank, world_size=world_size)
         resumed.load_state_dict(state)
         resumed.set_epoch(2)  # the loop re-entering the same epoch keeps the offset

@@ -16,7 +16,12 @@ from collections.abc import Callable
 from vlforge.errors import UserError, VlforgeError
 from vlforge.results.commands import runs_root_option
 
-EXTENSION_MODULES = ("vlforge.results.commands", "vlforge.launch.commands", "vlforge.data.commands")
+EXTENSION_MODULES = (
+    "vlforge.results.commands",
+    "vlforge.launch.commands",
+    "vlforge.data.commands",
+    "vlforge.checkpoint.commands",
+)
 
 
 def recipe_arguments(parser: argparse.ArgumentParser) -> None:

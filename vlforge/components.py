@@ -131,6 +131,19 @@ class ShardUnitsLike(Protocol):
     def shard_units(self) -> list[nn.Module]: ...
 
 
+@runtime_checkable
+class PretrainedLike(Protocol):
+    """A model part may name parameters that building it from the recipe reproduces exactly
+    (weights read from a pretrained path, or a seeded init from a config table).
+
+    ``pretrained_parameters()`` returns their names relative to the part (as in its
+    ``named_parameters()``). Those that are frozen (``requires_grad=False``) are left out of
+    checkpoints unless ``train.checkpoint_frozen``: a resume rebuilds them from the recipe.
+    """
+
+    def pretrained_parameters(self) -> list[str]: ...
+
+
 @dataclass
 class BuildContext:
     """What a factory may use to build its component.

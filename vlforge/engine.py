@@ -13,6 +13,7 @@ the latest.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import signal
@@ -203,40 +204,55 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    @functools.cached_property
+    def checkpointer(self) -> ckpt.Checkpointer:
+        return ckpt.Checkpointer(self.state.run_dir, self.recipe.train.keep_checkpoints)
+
     def save(self) -> str | None:
+        """Checkpoint this step on every rank; its URL on rank 0 once committed (None if async).
+
+        Periodic saves are asynchronous with ``train.async_checkpoint``; the last save of a run
+        (final step or a stop) always waits for its commit.
+        """
+        if self.run is not None:
+            self.run.flush()  # metrics up to this step are on disk before its checkpoint commits
         rng = dist.all_gather_object(rng_state())  # every rank's RNG, restored per rank
         data = dist.all_gather_object(self.stream.state_dict())  # sharded streams differ per rank
-        if self.state.rank != 0:
-            dist.barrier()
-            return None
-        checkpoint = {
-            "version": 1,
-            "run_id": getattr(self.run, "run_id", None),
-            "progress": vars(self.progress).copy(),
-            "data": data,
-            "model": self.model.state_dict(),
-            "optimizer": self.state.optimizer.state_dict(),
-            "scheduler": self.state.scheduler.state_dict(),
-            "rng": rng,
-            "world_size": self.state.world_size,
-            "plugins": {},
-        }
-        self.plugins.call("vlforge_save_checkpoint", state=self.state, checkpoint=checkpoint)
-        url = ckpt.save_checkpoint(
-            self.state.run_dir, self.progress.step, checkpoint, self.recipe.train.keep_checkpoints
+        train_state = None
+        if self.state.rank == 0:
+            train_state = {
+                "run_id": getattr(self.run, "run_id", None),
+                "progress": vars(self.progress).copy(),
+                "data": data,
+                "scheduler": self.state.scheduler.state_dict(),
+                "rng": rng,
+                "world_size": self.state.world_size,
+                "plugins": {},
+            }
+            self.plugins.call("vlforge_save_checkpoint", state=self.state, checkpoint=train_state)
+        train = self.recipe.train
+        # Frozen pretrained weights are rebuilt from the recipe on resume, unless they came from
+        # model.init_from (which a resume does not read again).
+        rebuilt = not train.checkpoint_frozen and not self.recipe.model.init_from
+        last = self.progress.step >= train.steps or self.stop_status is not None
+        return self.checkpointer.save(
+            self.progress.step,
+            self.model,
+            self.state.optimizer,
+            train_state,
+            exclude=ckpt.frozen_pretrained_keys(self.model) if rebuilt else (),
+            blocking=last or not train.async_checkpoint,
         )
-        dist.barrier()
-        return url
 
     def restore(self, url: str) -> None:
-        checkpoint = ckpt.load_checkpoint(url)
-        self.model.load_state_dict(checkpoint["model"])
-        self.state.optimizer.load_state_dict(checkpoint["optimizer"])
+        """Resume from ``url`` (any world size for model and optimizer; see docs/checkpoints.md)."""
+        checkpoint = self.checkpointer.load(url, self.model, self.state.optimizer)
         self.state.scheduler.load_state_dict(checkpoint["scheduler"])
         for key, value in checkpoint["progress"].items():
             setattr(self.progress, key, value)
         same_world = checkpoint["world_size"] == self.state.world_size
-        # Another world size: rank 0's data position (a sharded stream then restarts its epoch).
+        # Another world size: rank 0's data position; a map-style stream continues its epoch in the
+        # same global order, a sharded one restarts its earliest epoch (docs/data.md).
         self.stream.load_state_dict(checkpoint["data"][self.state.rank if same_world else 0])
         if same_world:
             set_rng_state(checkpoint["rng"][self.state.rank])

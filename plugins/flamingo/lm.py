@@ -126,6 +126,10 @@ class FlamingoLM(nn.Module):
         if gradient_checkpointing:
             enable_lm_checkpointing(lm, layers)
 
+    def pretrained_parameters(self) -> list[str]:
+        """The LM's weights: its path or its seeded config rebuilds them (``PretrainedLike``)."""
+        return [f"lm.{name}" for name, _ in self.lm.named_parameters(remove_duplicate=False)]
+
     # ------------------------------------------------------------------ forward
 
     def forward(

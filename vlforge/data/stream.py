@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlforge import distributed as dist
-from vlforge.data.sampler import ResumableSampler
+from vlforge.data.sampler import ResumableSampler, rebase
 
 
 class TrainStream(Protocol):
@@ -65,6 +65,7 @@ class BatchStream:
             generator=self.generator,
         )
         self.epoch, self.index = 0, 0
+        self.dealt_from = 0  # of this epoch's permutation, by an earlier world size (a resume)
         self._iterator: Iterator[Any] | None = None
 
     def batches_per_epoch(self) -> int:
@@ -72,21 +73,24 @@ class BatchStream:
 
     def next(self) -> dict[str, Any]:
         if self._iterator is None:
-            self.sampler.load_state_dict({"epoch": self.epoch, "index": self.index})
+            self.sampler.load_state_dict(self.state_dict())
             self.generator.manual_seed(hash((self.seed, dist.rank(), self.epoch)) % 2**63)
             self._iterator = iter(self.loader)
         try:
             batch = next(self._iterator)
         except StopIteration:
-            self.epoch, self.index = self.epoch + 1, 0
+            self.epoch, self.index, self.dealt_from = self.epoch + 1, 0, 0
             self._iterator = None
             return self.next()
         self.index += self.micro_batch
         return batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        world = self.sampler.world_size
+        return {"epoch": self.epoch, "index": self.index, "dealt_from": self.dealt_from, "world_size": world}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]
+        """Resume at ``state``; one saved at another world size continues the same epoch order."""
+        state = rebase(state, self.sampler.world_size)
+        self.epoch, self.index, self.dealt_from = state["epoch"], state["index"], state.get("dealt_from", 0)
         self._iterator = None

@@ -62,7 +62,7 @@ def run_job(job: RunJob) -> str:
     with RunLog(job.run_dir) if run is not None else nullcontext():
         try:
             trainer = Trainer(recipe, plugins, job.run_dir, run)
-            latest = ckpt.latest_checkpoint(job.run_dir) if job.resume else None
+            latest = ckpt.resume_checkpoint(job.run_dir) if job.resume else None  # the newest intact
             if latest:
                 trainer.restore(latest)
             status = trainer.fit()
