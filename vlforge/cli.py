@@ -122,8 +122,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vlforge.results.rundir import new_run_id, resolve_root
 
     overrides = list(args.overrides) + ([f'launch.launcher="{args.launcher}"'] if args.launcher else [])
-    if args.resume:
-        refuse_resume_overrides(overrides)
     args.overrides = overrides
     recipe, plugins = _load(args, check_resources=True)
     if recipe.sweep and (recipe.sweep.grid or recipe.sweep.points):
@@ -149,6 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = find_run(root, recipe.experiment, recipe.name, args.resume)
+        refuse_resume_overrides(overrides, f"{run_dir}/recipe.toml")
         experiment, run_id = run_dir.rstrip("/").split("/")[-2:]
         job = RunJob(
             f"{run_dir}/recipe.toml",
@@ -193,9 +192,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_CODES.get(status, 1)
 
 
-def refuse_resume_overrides(overrides: list[str]) -> None:
-    """A resumed run trains what it started with: only where it runs (``launch.*``) may change."""
-    fixed = [text for text in overrides if not text.strip().startswith("launch.")]
+def refuse_resume_overrides(overrides: list[str], run_recipe: str) -> None:
+    """A resumed run trains what it started with (``run_recipe``, its resolved recipe).
+
+    Only where it runs (``launch.*``) may change; any other override must restate the run's
+    own value (repeating the original command line is fine), or it is refused.
+    """
+    from vlforge.recipe import parse_override, read_toml, value_at
+
+    started_with = read_toml(run_recipe).data
+    fixed = []
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ValueError:  # not `key=value` (a deletion, say): it changes the recipe
+            key, value = text, None
+        if not key.startswith("launch.") and value_at(started_with, key) != value:
+            fixed.append(text)
     if fixed:
         raise UserError(
             f"--resume continues a run with the recipe it started with; it cannot apply "

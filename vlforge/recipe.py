@@ -212,7 +212,7 @@ class Recipe(Section):
     def component_tables(self) -> list[tuple[str, str, ComponentTable]]:
         """(dotted key, kind, table) for every component the recipe names."""
         tables = [
-            (key, kind, _at(self, key))
+            (key, kind, value_at(self, key))
             for key, kind in component_slots({group: getattr(self, group) for group in NAMED_GROUPS})
         ]
         return [(key, kind, table) for key, kind, table in tables if table is not None]
@@ -261,7 +261,7 @@ def component_slots(names: dict[str, Iterable[str]]) -> list[tuple[str, str]]:
     return [*COMPONENT_SLOTS, *named]
 
 
-def _at(node: Any, key: str) -> Any:
+def value_at(node: Any, key: str) -> Any:
     """The value at a dotted key of nested models or dicts; None where absent."""
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
@@ -484,7 +484,7 @@ def _raw_component_tables(data: dict[str, Any]) -> list[tuple[str, str, dict[str
         return list(tables) if isinstance(tables, dict) else []
 
     slots = component_slots({group: names(group) for group in NAMED_GROUPS})
-    found = [(key, kind, _at(data, key)) for key, kind in slots]
+    found = [(key, kind, value_at(data, key)) for key, kind in slots]
     return [
         (key, kind, table)
         for key, kind, table in found
