@@ -84,6 +84,11 @@ class ObjectiveTable(ComponentTable):
     weight: float = 1.0  # the engine multiplies every term of this objective by it
 
 
+class EvaluatorTable(ComponentTable):
+    # The evaluator's own dataset table (any registered dataset type); default: the run's [data].
+    data: ComponentTable | None = None
+
+
 class ModelSection(Section):
     vision: ComponentTable | None = None
     text: ComponentTable | None = None
@@ -192,7 +197,7 @@ class Recipe(Section):
     teacher: ComponentTable | None = None
     objectives: dict[str, ObjectiveTable] = Field(default_factory=dict)
     data: ComponentTable
-    evaluators: dict[str, ComponentTable] = Field(default_factory=dict)
+    evaluators: dict[str, EvaluatorTable] = Field(default_factory=dict)
     optim: OptimSection = Field(default_factory=OptimSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     train: TrainSection
@@ -211,7 +216,11 @@ class Recipe(Section):
             ("data", "dataset", self.data),
         ]
         tables += [(f"objectives.{n}", "objective", t) for n, t in self.objectives.items()]
-        tables += [(f"evaluators.{n}", "evaluator", t) for n, t in self.evaluators.items()]
+        for name, table in self.evaluators.items():
+            tables += [
+                (f"evaluators.{name}", "evaluator", table),
+                (f"evaluators.{name}.data", "dataset", table.data),
+            ]
         return [(key, kind, table) for key, kind, table in tables if table is not None]
 
     def resolved(self) -> dict[str, Any]:
@@ -223,6 +232,8 @@ class Recipe(Section):
             for part in parents:
                 node = node[part]
             extra = {"weight": table.weight} if isinstance(table, ObjectiveTable) else {}
+            if isinstance(table, EvaluatorTable) and table.data is not None:
+                extra = {"data": {}}  # filled in as its own component table, listed next
             node[leaf] = {
                 "type": table.type,
                 **extra,
@@ -451,6 +462,8 @@ def load_recipe(
         raise RecipeError(raw.path, [Problem("plugins", str(exc), raw.source_of("plugins"))]) from None
     problems = validate_components(recipe, plugins.registry, raw)
     problems += check_consistency(recipe, raw)
+    if not problems:  # the evaluators' data checks read validated component configs
+        problems += check_evaluator_data(recipe, raw)
     if problems:
         raise RecipeError(raw.path, problems)
     return recipe, plugins
@@ -471,6 +484,24 @@ def check_consistency(recipe: Recipe, raw: RawRecipe) -> list[Problem]:
                 raw.source_of("train.batch_size"),
             )
         )
+    return problems
+
+
+def check_evaluator_data(recipe: Recipe, raw: RawRecipe) -> list[Problem]:
+    """What an evaluator would fail on after training: its data has no such split, no labels, no file.
+
+    An evaluator config may define ``data_problems(data_config, data_type)`` returning (key, message)
+    pairs; data configs say what they hold through ``held_out_splits()`` and ``label_names()``.
+    """
+    problems = []
+    for name, table in recipe.evaluators.items():
+        check = getattr(table.config, "data_problems", None)
+        data, data_key = (table.data, f"evaluators.{name}.data") if table.data else (recipe.data, "data")
+        if check is None:
+            continue
+        for key, message in check(data.config, data.type):
+            dotted = f"{data_key}.type" if key == "data" else f"evaluators.{name}.{key}"
+            problems.append(Problem(dotted, message, raw.source_of(dotted)))
     return problems
 
 

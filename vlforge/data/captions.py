@@ -7,6 +7,14 @@ A caption file is a JSON list, or JSON lines, of entries::
 
 (``captions`` is accepted for ``caption``.) Image paths are relative to
 ``image_root`` (default: the caption file's folder) and read through fsspec.
+An entry may name its image's identity, ``"image_id": 139``; without one the
+image path is its identity. Karpathy's split files (``dataset_coco.json``,
+``dataset_flickr30k.json``: ``{"images": [{"filepath", "filename", "imgid",
+"split", "sentences": [{"raw"}]}]}``) are read as one entry per image.
+
+Held-out splits group the entries of one image (JSON lines with one caption
+each and the same ``image_id``, say) into one item with all its captions:
+retrieval matches by image identity, never by caption text.
 
 For streaming, each epoch permutes all entries (seeded) and cuts the
 permutation into chunks of ``chunk_size``: the chunks are the units readers
@@ -46,6 +54,8 @@ class Entry(NamedTuple):
     key: str  # "<file stem>/<index in file>"
     image_url: str
     captions: tuple[str, ...]
+    image_id: str = ""  # the record's image_id; "" when it has none (the image URL is the identity)
+    split: str = ""  # Karpathy files: the image's split (train, restval, val, test)
 
 
 class Chunk(NamedTuple):
@@ -68,7 +78,18 @@ def read_caption_file(url: str, image_root: str = "") -> list[Entry]:
         raise UserError(f"caption file {url}: not JSON or JSON lines ({exc})") from exc
     root = image_root or parent_url(url)
     stem = url.rsplit("/", 1)[-1].split(".", 1)[0]
+    if isinstance(records, dict) and "images" in records:
+        return [
+            _karpathy_entry(record, f"{stem}/{index}", root) for index, record in enumerate(records["images"])
+        ]
     return [_entry(record, f"{stem}/{index}", root, url) for index, record in enumerate(records)]
+
+
+def _karpathy_entry(record: dict[str, Any], key: str, root: str) -> Entry:
+    path = "/".join(part for part in (record.get("filepath", ""), record["filename"]) if part)
+    captions = tuple(sentence["raw"] for sentence in record.get("sentences", ()))
+    image_id = str(record.get("cocoid", record.get("imgid", path)))
+    return Entry(key, join_url(root, path), captions, image_id, record.get("split", ""))
 
 
 def _json_lines(text: str) -> list[Any]:
@@ -80,7 +101,30 @@ def _entry(record: Any, key: str, root: str, url: str) -> Entry:
         raise UserError(f"caption file {url}: entry {key} has no 'image' (got {str(record)[:80]})")
     captions = record.get("caption", record.get("captions", ()))
     captions = (captions,) if isinstance(captions, str) else tuple(captions)
-    return Entry(key, join_url(root, record["image"]), captions)
+    image_id = str(record["image_id"]) if "image_id" in record else ""
+    return Entry(key, join_url(root, record["image"]), captions, image_id)
+
+
+KARPATHY_SPLITS = {"train", "restval", "val", "test"}
+
+
+def held_out_images(entries: list[Entry], split: str) -> list[Entry]:
+    """One entry per image (by image id, else URL), with every caption of it, first-seen order.
+
+    Entries of a Karpathy file are those of ``split`` when it names one of Karpathy's splits.
+    """
+    if split in KARPATHY_SPLITS and any(entry.split for entry in entries):
+        entries = [entry for entry in entries if entry.split == split]
+    images: dict[str, Entry] = {}
+    for entry in entries:
+        identity = entry.image_id or entry.image_url
+        known = images.get(identity)
+        images[identity] = (
+            entry._replace(image_id=identity)
+            if known is None
+            else known._replace(captions=known.captions + entry.captions)
+        )
+    return list(images.values())
 
 
 class CaptionsSource(StreamingSource):
@@ -151,7 +195,7 @@ class CaptionsSource(StreamingSource):
     # ------------------------------------------------------------------ held-out splits
 
     def dataset(self, split: str) -> EvalSplit:
-        """A held-out caption file: each entry with its first caption, eval pipeline."""
+        """A held-out caption file: one item per image with all its captions, eval pipeline."""
         if split not in self.config.splits:
             raise UserError(
                 f"captions has no split '{split}' (data.splits: {', '.join(self.config.splits) or 'none'})"
@@ -161,7 +205,7 @@ class CaptionsSource(StreamingSource):
             for url in expand_urls(self.config.splits[split])
             for entry in read_caption_file(url, self.config.image_root)
         ]
-        return EvalSplit(entries, functools.partial(self._held_out, split))
+        return EvalSplit(held_out_images(entries, split), functools.partial(self._held_out, split))
 
     def _held_out(self, split: str, entry: Entry) -> ImageText:
         image = _image_bytes(entry.image_url)
@@ -171,7 +215,8 @@ class CaptionsSource(StreamingSource):
             pixels = load_image(self.eval_pipeline, image, seed=0, epoch=0, key=entry.key)
         except BadSample as exc:
             raise UserError(f"held-out split '{split}': {exc}") from exc
-        return ImageText(entry.key, pixels, clean_caption(entry.captions[0], self.config.max_words))
+        captions = tuple(clean_caption(text, self.config.max_words) for text in entry.captions)
+        return ImageText(entry.key, pixels, captions[0], image_id=entry.image_id, captions=captions)
 
 
 def _image_bytes(url: str) -> bytes | None:
