@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from vlforge.eval.target import EvalTarget
+
 EXIT_CODES = {"completed": 0, "failed": 1, "preempted": 3, "interrupted": 130}
 
 
@@ -22,6 +24,8 @@ class RunJob:
     run_id: str
     resume: bool = False
     extra_plugins: tuple[str, ...] = ()
+    # `vlforge eval`: evaluate this checkpoint instead of training (vlforge.eval.runner).
+    evaluate: EvalTarget | None = None
 
     @property
     def run_dir(self) -> str:
@@ -50,6 +54,16 @@ def run_job(job: RunJob) -> str:
     from vlforge.recipe import load_recipe
 
     recipe, plugins = load_recipe(job.recipe_path, job.overrides, job.extra_plugins)
+    if job.evaluate is not None:
+        from vlforge.eval.runner import run_evaluation
+
+        try:
+            return run_evaluation(job, job.evaluate, recipe, plugins)
+        finally:
+            if dist.is_distributed():
+                import torch.distributed
+
+                torch.distributed.destroy_process_group()
     run = _open_run(job, recipe) if dist.rank() == 0 else None
     status, reason = "failed", None
     try:
