@@ -73,7 +73,7 @@ def read_caption_file(url: str, image_root: str = "") -> list[Entry]:
         raise UserError(f"caption file {url}: {type(exc).__name__}: {exc}") from exc
     try:
         stripped = text.lstrip()
-        records = json.loads(stripped) if stripped.startswith("[") else _json_lines(text)
+        records = json.loads(stripped) if stripped.startswith("[") else _karpathy_or_lines(text)
     except ValueError as exc:
         raise UserError(f"caption file {url}: not JSON or JSON lines ({exc})") from exc
     root = image_root or parent_url(url)
@@ -90,6 +90,18 @@ def _karpathy_entry(record: dict[str, Any], key: str, root: str) -> Entry:
     captions = tuple(sentence["raw"] for sentence in record.get("sentences", ()))
     image_id = str(record.get("cocoid", record.get("imgid", path)))
     return Entry(key, join_url(root, path), captions, image_id, record.get("split", ""))
+
+
+def _karpathy_or_lines(text: str) -> Any:
+    """A Karpathy split file (one JSON object with "images", maybe over many lines), else JSON lines."""
+    if '"images"' in text[:1000]:
+        try:
+            whole = json.loads(text)
+        except ValueError:
+            whole = None
+        if isinstance(whole, dict) and "images" in whole:
+            return whole
+    return _json_lines(text)
 
 
 def _json_lines(text: str) -> list[Any]:
