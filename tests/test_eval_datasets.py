@@ -151,6 +151,29 @@ def test_zeroshot_class_names_from_a_file_and_built_in_lists(tmp_path: Path) -> 
     assert text.texts == ["a photo of a alpha.", "a photo of a bravo."]
 
 
+def test_zeroshot_on_webdataset_shards_with_a_class_field(tmp_path: Path) -> None:
+    import io
+
+    from vlforge.data.tar import KEY_FIELD, TarWriter
+
+    with open(tmp_path / "val.tar", "wb") as stream:  # ImageNet-style shards: key.jpg + key.cls
+        writer = TarWriter(stream)
+        for index, (colour, label) in enumerate([(0, 0), (1, 1), (2, 2), (2, 1)]):  # the last one is wrong
+            jpeg = io.BytesIO()
+            Image.new("RGB", (32, 32), PALETTE[colour]).save(jpeg, format="JPEG", quality=95)
+            writer.write({KEY_FIELD: f"{index:04d}", "jpg": jpeg.getvalue(), "cls": str(label)})
+        writer.close()
+    names = tmp_path / "names.txt"
+    names.write_text("alpha\nbravo\ncharlie\n")
+    text, eye = LookupText(), torch.eye(3)
+    model = ControlledModel(text, torch.eye(10, 3), lambda prompt: eye[CLASSES.index(prompt.split()[-1])])
+    shards = str(tmp_path / "val.tar")
+    ctx = context("webdataset", text, urls=shards, splits={"val": shards}, class_field="cls")
+    metrics = evaluator("zeroshot", class_names=str(names), templates=["a {}"]).evaluate(model, ctx)
+    assert metrics["top1"] == 3 / 4
+    assert metrics["mean_per_class_recall"] == pytest.approx((1 + 1 / 2 + 1) / 3)
+
+
 # --------------------------------------------------------------------------- several captions per image
 
 # 4 images (colours 0..3, embedded as e0..e3) with 3 captions each; text embeddings by hand.
