@@ -21,6 +21,7 @@ EXTENSION_MODULES = (
     "vlforge.launch.commands",
     "vlforge.data.commands",
     "vlforge.checkpoint.commands",
+    "vlforge.eval.commands",
 )
 
 
@@ -241,13 +242,15 @@ def find_run(root: str, experiment: str, recipe_name: str, ref: str) -> str:
     return fs.unstrip_protocol(max(candidates)[1])
 
 
-def _print_run_summary(root: str, run_id: str, status: str) -> None:
+def _print_run_summary(root: str, run_id: str, status: str, step: int | None = None) -> None:
+    """The run's evals at ``step`` (default its last evaluated step)."""
     from vlforge.results.queries import query
 
     print(f"vlforge: run {run_id} {status}")
+    at = step if step is not None else f"(SELECT max(step) FROM evals WHERE run_id = '{run_id}')"
     sql = (
         "SELECT evaluator, metric, round(value, 4) AS value FROM evals "
-        f"WHERE run_id = '{run_id}' AND step = (SELECT max(step) FROM evals WHERE run_id = '{run_id}') "
+        f"WHERE run_id = '{run_id}' AND step = {at} "
         "ORDER BY evaluator, metric"
     )
     try:

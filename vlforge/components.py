@@ -111,9 +111,12 @@ class DataSourceLike(Protocol):
 class EvaluatorLike(Protocol):
     """evaluator: metrics of the model on held-out data.
 
-    The engine calls ``evaluate`` on rank 0 only (it must not use collectives)
-    and broadcasts the returned ``{metric: value}`` to the other ranks.
-    Evaluators put the model in eval mode and restore its previous mode."""
+    Every rank calls ``evaluate`` (same model, same ``ctx``) at the same points, so an
+    evaluator may use collectives: each rank works on its share of the split and the shares
+    are gathered (``vlforge.eval.shards``), and every rank must return the metrics one
+    process would compute (rank 0's are logged). ``ctx.parts["data"]`` is the evaluator's
+    data: its own ``[evaluators.<name>.data]`` table's source, else the run's. Evaluators put
+    the model in eval mode and restore its previous mode."""
 
     def evaluate(self, model: VLModel, ctx: BuildContext) -> dict[str, float]: ...
 

@@ -73,3 +73,37 @@ def all_gather_object(obj: object) -> list[object]:
     gathered: list[object] = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's tensors must live: the GPU under NCCL, the CPU under gloo."""
+    uses_nccl = "nccl" in str(dist.get_backend()).lower()
+    return torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
+
+
+@torch.no_grad()
+def all_gather_varied(x: torch.Tensor | None) -> torch.Tensor | None:
+    """Every rank's (n_r, *dims_r) tensor -> (sum n_r, *largest dims) on every rank, in rank order.
+
+    Ranks may hold different row counts and trailing sizes (captions padded to their own
+    longest): each is zero-padded to the largest, gathered, and its padding rows cut. A rank
+    with nothing to contribute passes None. The result is on x's device (the CPU for None);
+    None only when every rank passed None.
+    """
+    if world_size() == 1:
+        return None if x is None else x.detach()
+    layouts = all_gather_object(None if x is None else (tuple(x.shape), x.dtype))
+    present = [layout for layout in layouts if layout is not None]
+    if not present:
+        return None
+    ndim, dtype = len(present[0][0]), present[0][1]
+    largest = [max(shape[i] for shape, _ in present) for i in range(ndim)]
+    device = _collective_device()
+    padded = torch.zeros(largest, dtype=dtype, device=device)
+    if x is not None:
+        padded[tuple(slice(0, n) for n in x.shape)] = x.detach().to(device)
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    rows = [layout[0][0] if layout is not None else 0 for layout in layouts]
+    result = torch.cat([part[:n] for part, n in zip(parts, rows)])
+    return result.to(x.device if x is not None else "cpu")

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -164,8 +164,10 @@ class Trainer:
         model = build_model(recipe, plugins, self.ctx).to(self.device)
         self.data = build_component(plugins, "dataset", recipe.data, self.ctx)
         self.ctx.parts["data"] = self.data
+        # Each evaluator evaluates in its own context: the run's, with its own data table's source.
+        self.eval_contexts = {name: self._eval_context(table) for name, table in recipe.evaluators.items()}
         self.evaluators = {
-            name: build_component(plugins, "evaluator", table, self.ctx)
+            name: build_component(plugins, "evaluator", table, self.eval_contexts[name])
             for name, table in recipe.evaluators.items()
         }
         seed_everything(recipe.seed + 1000 * dist.rank())  # per-rank randomness from here on
@@ -193,6 +195,14 @@ class Trainer:
         for name, module in model.named_modules():
             plugins.register_component(module, f"component:{name or 'model'}")
         plugins.register_component(self.data, "component:data")  # e.g. logs data/skipped_* counters
+
+    def _eval_context(self, table: Any) -> BuildContext:
+        """The run's context, with ``parts["data"]`` built from the evaluator's own data table if any."""
+        if table.data is None:
+            return self.ctx
+        ctx = replace(self.ctx, parts=dict(self.ctx.parts))
+        ctx.parts["data"] = build_component(self.plugins, "dataset", table.data, ctx)
+        return ctx
 
     @property
     def model(self) -> VLModel:
@@ -305,16 +315,19 @@ class Trainer:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
+    def evaluate(self, names: list[str] | None = None) -> dict[str, dict[str, float]]:
+        """Run the evaluators (``names``, default all) on every rank; each rank embeds its share.
+
+        Evaluators gather their shares themselves (``vlforge.eval.shards``), so every rank
+        returns the one-process metrics; rank 0's are logged.
+        """
         results: dict[str, dict[str, float]] = {}
-        if self.state.rank == 0:
-            # Evaluators may draw random numbers (a DataLoader's seed, say); put the RNG back so
-            # that how often a run evaluates never changes how it trains.
-            saved = rng_state()
-            for name, evaluator in self.evaluators.items():
-                results[name] = evaluator.evaluate(self.model, self.ctx)
-            set_rng_state(saved)
-        results = dist.broadcast_object(results)
+        # Evaluators may draw random numbers (a DataLoader's seed, say); put the RNG back so
+        # that how often a run evaluates never changes how it trains.
+        saved = rng_state()
+        for name in names or list(self.evaluators):
+            results[name] = self.evaluators[name].evaluate(self.model, self.eval_contexts[name])
+        set_rng_state(saved)
         self.plugins.call("vlforge_eval", state=self.state, results=results)
         if self.run is not None:
             for name, metrics in results.items():
@@ -373,9 +386,9 @@ class Trainer:
                     self.evaluate()
                 if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
                     self.save()
+            self.save()  # before the final evaluation: a failing evaluator never loses the training
             if status == "completed" and self.evaluators:
                 self.evaluate()
-            self.save()
         except BaseException:
             status = "failed"
             raise

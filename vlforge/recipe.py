@@ -91,6 +91,11 @@ class ObjectiveTable(ComponentTable):
     weight: float = 1.0  # the engine multiplies every term of this objective by it
 
 
+class EvaluatorTable(ComponentTable):
+    # The evaluator's own dataset table (any registered dataset type); default: the run's [data].
+    data: ComponentTable | None = None
+
+
 class ModelSection(Section):
     vision: ComponentTable | None = None
     text: ComponentTable | None = None
@@ -199,7 +204,7 @@ class Recipe(Section):
     teacher: ComponentTable | None = None
     objectives: dict[str, ObjectiveTable] = Field(default_factory=dict)
     data: ComponentTable
-    evaluators: dict[str, ComponentTable] = Field(default_factory=dict)
+    evaluators: dict[str, EvaluatorTable] = Field(default_factory=dict)
     # Trackers the run also reports to (``[sinks.<name>] type = "tensorboard"|"wandb"|"mlflow"``);
     # the run directory and its index stay the record (docs/watching.md).
     sinks: dict[str, ComponentTable] = Field(default_factory=dict)
@@ -226,6 +231,8 @@ class Recipe(Section):
             for part in parents:
                 node = node[part]
             extra = {"weight": table.weight} if isinstance(table, ObjectiveTable) else {}
+            if isinstance(table, EvaluatorTable) and table.data is not None:
+                extra = {"data": {}}  # filled in as its own component table, listed next
             node[leaf] = {
                 "type": table.type,
                 **extra,
@@ -255,10 +262,18 @@ COMPONENT_SLOTS = (
 NAMED_GROUPS = {"objectives": "objective", "evaluators": "evaluator", "sinks": "sink"}
 
 
+# Keys a component table declares itself, beside its component's own options.
+TABLE_KEYS = {"objective": {"type", "weight"}, "evaluator": {"type", "data"}}
+
+
 def component_slots(names: dict[str, Iterable[str]]) -> list[tuple[str, str]]:
-    """(dotted key, kind) of every place a component table may be, given each group's table names."""
+    """(dotted key, kind) of every place a component table may be, given each group's table names.
+
+    An evaluator may name its own dataset table (``evaluators.<name>.data``).
+    """
     named = [(f"{group}.{name}", NAMED_GROUPS[group]) for group in NAMED_GROUPS for name in names[group]]
-    return [*COMPONENT_SLOTS, *named]
+    own_data = [(f"evaluators.{name}.data", "dataset") for name in names["evaluators"]]
+    return [*COMPONENT_SLOTS, *named, *own_data]
 
 
 def value_at(node: Any, key: str) -> Any:
@@ -469,7 +484,7 @@ def validate_components(raw: RawRecipe, registry: Registry) -> tuple[dict[str, B
         except RegistryError as exc:
             problems.append(Problem(f"{key}.type", str(exc), raw.source_of(f"{key}.type")))
             continue
-        declared = {"type", "weight"} if kind == "objective" else {"type"}  # ObjectiveTable's own keys
+        declared = TABLE_KEYS.get(kind, {"type"})
         options = {name: value for name, value in table.items() if name not in declared}
         try:
             configs[key] = component.config.model_validate(options)
@@ -560,6 +575,8 @@ def load_recipe(
         for key, _, table in recipe.component_tables():
             table._config = configs.get(key)
         problems += check_consistency(recipe, raw)
+        if not problems:  # the evaluators' data checks read validated component configs
+            problems += check_evaluator_data(recipe, raw)
     if problems:
         raise RecipeError(raw.path, problems)
     return recipe, plugins
@@ -580,6 +597,24 @@ def check_consistency(recipe: Recipe, raw: RawRecipe) -> list[Problem]:
                 raw.source_of("train.batch_size"),
             )
         )
+    return problems
+
+
+def check_evaluator_data(recipe: Recipe, raw: RawRecipe) -> list[Problem]:
+    """What an evaluator would fail on after training: its data has no such split, no labels, no file.
+
+    An evaluator config may define ``data_problems(data_config, data_type)`` returning (key, message)
+    pairs; data configs say what they hold through ``held_out_splits()`` and ``label_names()``.
+    """
+    problems = []
+    for name, table in recipe.evaluators.items():
+        check = getattr(table.config, "data_problems", None)
+        data, data_key = (table.data, f"evaluators.{name}.data") if table.data else (recipe.data, "data")
+        if check is None:
+            continue
+        for key, message in check(data.config, data.type):
+            dotted = f"{data_key}.type" if key == "data" else f"evaluators.{name}.{key}"
+            problems.append(Problem(dotted, message, raw.source_of(dotted)))
     return problems
 
 

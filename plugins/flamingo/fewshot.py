@@ -25,7 +25,7 @@ from vlforge_plugins.flamingo.lm import END_OF_CHUNK, IMAGE_TOKEN
 from vlforge_plugins.flamingo.metrics import cider_d, normalize_answer
 
 from vlforge.data.synthetic import ATTRIBUTES, CAPTION_TEMPLATES, ShapesDataset
-from vlforge.eval.retrieval import eval_mode
+from vlforge.eval.shards import eval_mode, gather_list, my_batches
 
 if TYPE_CHECKING:
     from vlforge_plugins.flamingo import FewShotConfig
@@ -42,7 +42,11 @@ def canonical_caption(item: dict[str, Any]) -> str:
 
 
 class FewShotEvaluator:
-    """Greedy k-shot generation over ``num_queries`` held-out images for each k in ``shots``."""
+    """Greedy k-shot generation over ``num_queries`` held-out images for each k in ``shots``.
+
+    Every rank generates for its share of the query batches; predictions are gathered in
+    order and scored whole, so every rank returns the one-process metrics.
+    """
 
     def __init__(self, config: FewShotConfig) -> None:
         self.config = config
@@ -95,17 +99,17 @@ class FewShotEvaluator:
         with eval_mode(model):
             for shots in self.config.shots:
                 predictions, answers = [], []
-                for start in range(0, len(queries), self.config.batch_size):
-                    batch = [
-                        queries[i] for i in range(start, min(start + self.config.batch_size, len(queries)))
-                    ]
+                for items, keep in my_batches(len(queries), self.config.batch_size):
+                    batch = [queries[i] for i in items]
                     prompts = [
-                        self.prompt(item, self.examples_for(start + j, shots, support), shots)
-                        for j, item in enumerate(batch)
+                        self.prompt(item, self.examples_for(index, shots, support), shots)
+                        for index, item in zip(items, batch)
                     ]
-                    predictions += self.generate(model, prompts, mean, std, ctx.device)
-                    answers += [self.answer(item) for item in batch]
-                metrics |= self.score(shots, predictions, answers)
+                    generated = self.generate(model, prompts, mean, std, ctx.device)
+                    if keep:
+                        predictions += generated
+                        answers += [self.answer(item) for item in batch]
+                metrics |= self.score(shots, gather_list(predictions), gather_list(answers))
         if self.config.task == "vqa":
             metrics["chance"] = 1 / len(ATTRIBUTES[self.config.attribute])
         return metrics

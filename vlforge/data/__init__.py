@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from vlforge.components import BuildContext
 
 
+SHAPES_LABELS = ("shape", "color", "position", "size")  # vlforge.data.synthetic.ATTRIBUTES' names
+
+
 class ShapesConfig(ComponentConfig):
     """``[data] type = "synthetic.shapes"``: generated images of one coloured shape."""
 
@@ -30,6 +33,12 @@ class ShapesConfig(ComponentConfig):
     background_noise: float = Field(
         0.05, ge=0.0, description="std of Gaussian pixel noise, in units of the full 0..255 range"
     )
+
+    def held_out_splits(self) -> list[str]:
+        return ["train", "val", "test"]
+
+    def label_names(self) -> list[str]:
+        return list(SHAPES_LABELS)
 
 
 def build_shapes(config: ShapesConfig, ctx: BuildContext) -> Any:
@@ -126,6 +135,15 @@ class WebDatasetConfig(ShardStreamConfig):
     )
     caption_field: str = Field("txt", description="field holding the caption")
     max_words: int | None = Field(None, ge=1, description="cut captions to this many words (ALBEF: 30)")
+    class_field: str | None = Field(
+        None, description="held-out splits: field holding an integer class label ('cls'), for zero-shot"
+    )
+
+    def held_out_splits(self) -> list[str]:
+        return list(self.splits)
+
+    def label_names(self) -> list[str]:
+        return ["class"] if self.class_field else []
 
 
 class CaptionsConfig(StreamConfig):
@@ -139,6 +157,12 @@ class CaptionsConfig(StreamConfig):
     chunk_size: int = Field(1000, ge=1, description="entries per unit (what readers split and resume by)")
     max_words: int | None = Field(None, ge=1, description="cut captions to this many words (ALBEF: 30)")
 
+    def held_out_splits(self) -> list[str]:
+        return list(self.splits)
+
+    def label_names(self) -> list[str]:
+        return []
+
 
 class InterleavedConfig(ShardStreamConfig):
     """``[data] type = "interleaved"``: MMC4-style documents (JSONL) of sentences and images."""
@@ -149,6 +173,19 @@ class InterleavedConfig(ShardStreamConfig):
     min_similarity: float | None = Field(
         None, description="drop images whose matched_sim is below this (OpenFlamingo MMC4: 0.24)"
     )
+
+
+class ImageFolderConfig(ComponentConfig):
+    """``[data] type = "imagefolder"``: labelled images, ``<split folder>/<class>/<image>`` (torchvision)."""
+
+    splits: dict[str, str] = Field(..., description="split name -> folder of class folders (path or URL)")
+    image: ImageConfig = Field(default_factory=ImageConfig)
+
+    def held_out_splits(self) -> list[str]:
+        return list(self.splits)
+
+    def label_names(self) -> list[str]:
+        return ["class"]
 
 
 class MixSourceTable(BaseModel):
@@ -197,6 +234,13 @@ def build_interleaved(config: InterleavedConfig, ctx: BuildContext) -> Any:
     return InterleavedSource.from_context(config, ctx)
 
 
+def build_imagefolder(config: ImageFolderConfig, ctx: BuildContext) -> Any:
+    """Labelled images in class folders (ImageNet val as usually unpacked), for zero-shot evaluation."""
+    from vlforge.data.imagefolder import ImageFolderSource
+
+    return ImageFolderSource.from_context(config, ctx)
+
+
 def build_mix(config: MixConfig, ctx: BuildContext) -> Any:
     """Several datasets mixed by micro-batch, by weight or in turn."""
     from vlforge.data.mix import MixData
@@ -211,3 +255,4 @@ def register(registry: Registry) -> None:
     registry.add("dataset", "captions", config=CaptionsConfig, factory=build_captions)
     registry.add("dataset", "interleaved", config=InterleavedConfig, factory=build_interleaved)
     registry.add("dataset", "mix", config=MixConfig, factory=build_mix)
+    registry.add("dataset", "imagefolder", config=ImageFolderConfig, factory=build_imagefolder)

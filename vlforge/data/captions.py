@@ -7,6 +7,14 @@ A caption file is a JSON list, or JSON lines, of entries::
 
 (``captions`` is accepted for ``caption``.) Image paths are relative to
 ``image_root`` (default: the caption file's folder) and read through fsspec.
+An entry may name its image's identity, ``"image_id": 139``; without one the
+image path is its identity. Karpathy's split files (``dataset_coco.json``,
+``dataset_flickr30k.json``: ``{"images": [{"filepath", "filename", "imgid",
+"split", "sentences": [{"raw"}]}]}``) are read as one entry per image.
+
+Held-out splits group the entries of one image (JSON lines with one caption
+each and the same ``image_id``, say) into one item with all its captions:
+retrieval matches by image identity, never by caption text.
 
 For streaming, each epoch permutes all entries (seeded) and cuts the
 permutation into chunks of ``chunk_size``: the chunks are the units readers
@@ -52,6 +60,8 @@ class Entry(NamedTuple):
     # (counter kind, "file:line: what is wrong") of a record that cannot be used: it is kept in
     # its place, so keys and chunks stay the same, and counted as a skipped sample when read.
     problem: tuple[str, str] | None = None
+    image_id: str = ""  # the record's image_id; "" when it has none (the image URL is the identity)
+    split: str = ""  # Karpathy files: the image's split (train, restval, val, test)
 
 
 class Chunk(NamedTuple):
@@ -82,6 +92,8 @@ def read_caption_file(url: str, image_root: str = "") -> list[Entry]:
     if data.lstrip().startswith(b"["):
         records = [(index + 1, record, None) for index, record in enumerate(_json_list(data, url))]
         where = "entry"
+    elif (karpathy := _karpathy(data)) is not None:
+        return [_karpathy_entry(record, f"{stem}/{index}", root) for index, record in enumerate(karpathy)]
     else:
         records = list(_json_lines(data))
         where = "line"
@@ -107,6 +119,24 @@ def _json_list(data: bytes, url: str) -> list[Any]:
     return records
 
 
+def _karpathy(data: bytes) -> list[dict[str, Any]] | None:
+    """The image records of a Karpathy split file (one JSON object with "images"), else None."""
+    if b'"images"' not in data[:1000]:
+        return None
+    try:
+        whole = json.loads(data.decode("utf-8"))
+    except ValueError:  # JSON lines that mention "images" (UnicodeDecodeError is a ValueError)
+        return None
+    return whole["images"] if isinstance(whole, dict) and isinstance(whole.get("images"), list) else None
+
+
+def _karpathy_entry(record: dict[str, Any], key: str, root: str) -> Entry:
+    path = "/".join(part for part in (record.get("filepath", ""), record["filename"]) if part)
+    captions = tuple(sentence["raw"] for sentence in record.get("sentences", ()))
+    image_id = str(record.get("cocoid", record.get("imgid", path)))
+    return Entry(key, join_url(root, path), captions, image_id=image_id, split=record.get("split", ""))
+
+
 def _json_lines(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
     """(line number from 1, record, why it could not be read or None) of every non-blank line."""
     for number, line in enumerate(data.split(b"\n"), start=1):
@@ -130,7 +160,8 @@ def _entry(record: Any, key: str, root: str, where: str, failure: str | None) ->
     captions = (captions,) if isinstance(captions, str) else captions
     if not isinstance(captions, list | tuple) or not all(isinstance(text, str) for text in captions):
         return Entry(key, "", (), ("bad_entry", f"{where}: the caption is not text (got {captions!r:.80})"))
-    return Entry(key, join_url(root, record["image"]), tuple(captions))
+    image_id = str(record["image_id"]) if "image_id" in record else ""
+    return Entry(key, join_url(root, record["image"]), tuple(captions), image_id=image_id)
 
 
 def _warn_bad(url: str, problems: list[tuple[str, str]]) -> None:
@@ -138,6 +169,28 @@ def _warn_bad(url: str, problems: list[tuple[str, str]]) -> None:
         log.warning("data: skipping %s", detail)
     if len(problems) > WARNED_LINES:
         log.warning("data: skipping %d more bad records of %s", len(problems) - WARNED_LINES, url)
+
+
+KARPATHY_SPLITS = {"train", "restval", "val", "test"}
+
+
+def held_out_images(entries: list[Entry], split: str) -> list[Entry]:
+    """One entry per image (by image id, else URL), with every caption of it, first-seen order.
+
+    Entries of a Karpathy file are those of ``split`` when it names one of Karpathy's splits.
+    """
+    if split in KARPATHY_SPLITS and any(entry.split for entry in entries):
+        entries = [entry for entry in entries if entry.split == split]
+    images: dict[str, Entry] = {}
+    for entry in entries:
+        identity = entry.image_id or entry.image_url
+        known = images.get(identity)
+        images[identity] = (
+            entry._replace(image_id=identity)
+            if known is None
+            else known._replace(captions=known.captions + entry.captions)
+        )
+    return list(images.values())
 
 
 class CaptionsSource(StreamingSource):
@@ -210,7 +263,7 @@ class CaptionsSource(StreamingSource):
     # ------------------------------------------------------------------ held-out splits
 
     def dataset(self, split: str) -> EvalSplit:
-        """A held-out caption file: each entry with its first caption, eval pipeline."""
+        """A held-out caption file: one item per image with all its captions, eval pipeline."""
         if split not in self.config.splits:
             raise UserError(
                 f"captions has no split '{split}' (data.splits: {', '.join(self.config.splits) or 'none'})"
@@ -220,7 +273,7 @@ class CaptionsSource(StreamingSource):
             for url in expand_urls(self.config.splits[split])
             for entry in read_caption_file(url, self.config.image_root)
         ]
-        return EvalSplit(entries, functools.partial(self._held_out, split))
+        return EvalSplit(held_out_images(entries, split), functools.partial(self._held_out, split))
 
     def _held_out(self, split: str, entry: Entry) -> ImageText:
         if entry.problem is not None:  # a held-out split is evaluated whole, or not at all
@@ -232,7 +285,8 @@ class CaptionsSource(StreamingSource):
             pixels = load_image(self.eval_pipeline, image, seed=0, epoch=0, key=entry.key)
         except BadSample as exc:
             raise UserError(f"held-out split '{split}': {exc}") from exc
-        return ImageText(entry.key, pixels, clean_caption(entry.captions[0], self.config.max_words))
+        captions = tuple(clean_caption(text, self.config.max_words) for text in entry.captions)
+        return ImageText(entry.key, pixels, captions[0], image_id=entry.image_id, captions=captions)
 
 
 def _image_bytes(url: str) -> bytes | None:

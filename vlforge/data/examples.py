@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +42,11 @@ class ImageText:
     key: str
     image: torch.Tensor  # (3, H, W) float32, normalised
     caption: str
+    # Held-out items only (what evaluators read): the image's identity and every caption of it
+    # (retrieval counts a match by image id, never by caption text), and class labels.
+    image_id: str = ""
+    captions: tuple[str, ...] = ()
+    labels: dict[str, int] = field(default_factory=dict)
 
 
 def clean_caption(text: str, max_words: int | None) -> str:
@@ -60,7 +65,11 @@ def load_image(pipeline: ImagePipeline, data: bytes, *, seed: int, epoch: int, k
 
 
 class PairCollate:
-    """ImageText examples -> ``images`` (B,3,H,W), tokens (B,L) if a tokenizer is given, captions, keys."""
+    """ImageText examples -> ``images`` (B,3,H,W), tokens (B,L) if a tokenizer is given, captions, keys.
+
+    Held-out examples add ``image_ids`` (list[str]), ``all_captions`` (list[list[str]]) and
+    ``labels`` ({name: (B,) long}) when they carry them.
+    """
 
     def __init__(self, tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None) -> None:
         self.tokenize = tokenize
@@ -78,6 +87,14 @@ class PairCollate:
                 tokens["input_ids"],
                 tokens["attention_mask"],
             )  # (B,L)
+        if any(example.image_id for example in examples):
+            batch["image_ids"] = [example.image_id or example.key for example in examples]
+            batch["all_captions"] = [list(example.captions or (example.caption,)) for example in examples]
+        if examples and examples[0].labels:
+            batch["labels"] = {
+                name: torch.tensor([example.labels[name] for example in examples])
+                for name in examples[0].labels
+            }
         return batch
 
 

@@ -15,7 +15,9 @@ train image's attributes: there are only 864 combinations).
 Train captions vary over ``CAPTION_TEMPLATES``; ``val`` and ``test`` captions
 all use the first (canonical) template, so that two held-out captions are
 identical exactly when their images show the same attributes, which is what
-the retrieval evaluator counts as a match.
+the retrieval evaluator counts as a match: an item's image id (``image_ids``
+in a batch) is its attribute combination, since two renders of the same
+attributes differ only by pixel noise.
 """
 
 from __future__ import annotations
@@ -219,11 +221,13 @@ class ShapesData:
             "attention_mask": tokens["attention_mask"],  # (B,L)
             "captions": captions,
             "keys": [item["key"] for item in items],
+            "image_ids": [image_id(item["labels"]) for item in items],
+            "all_captions": [[caption] for caption in captions],
             "labels": {name: torch.tensor([item["labels"][name] for item in items]) for name in ATTRIBUTES},
         }
 
-    def class_names(self, attribute: str) -> list[str]:
-        """Names of the classes of ``attribute``, in label order."""
+    def class_names(self, attribute: str, split: str = "val") -> list[str]:
+        """Names of the classes of ``attribute``, in label order (the same in every split)."""
         return list(_attribute_values(attribute))
 
     def prompt_templates(self, attribute: str) -> list[str]:
@@ -240,6 +244,11 @@ class ShapesData:
             fields = dict(zip(others, values), **{attribute: "{}"})
             templates.append(CAPTION_TEMPLATES[0].format(**fields))
         return templates
+
+
+def image_id(labels: dict[str, int]) -> str:
+    """What an image shows, as its identity: ``"shape=0,color=3,position=8,size=1"``."""
+    return ",".join(f"{name}={labels[name]}" for name in ATTRIBUTES)
 
 
 def _attribute_values(attribute: str) -> tuple[str, ...]:

@@ -1,7 +1,10 @@
 """Image-text pairs from WebDataset tar shards (img2dataset's LAION layout) over fsspec.
 
-Each sample is ``key.jpg`` (or png/webp) + ``key.txt`` (+ ``key.json``,
-ignored here). Shards are units of ``vlforge.data.sharded``: shuffled per
+Each sample is ``key.jpg`` (or png/webp) + ``key.txt`` (+ ``key.json``).
+Held-out splits also read every caption of an image from ``key.json``'s
+``captions`` (what ``vlforge data pack`` writes), and, with ``class_field``
+set (``"cls"`` in ImageNet shards), an integer class label; such shards need
+no caption. Shards are units of ``vlforge.data.sharded``: shuffled per
 epoch, split over (rank, worker), samples permuted in blocks of
 ``shuffle_block`` within a shard, positions saved to the sample.
 """
@@ -9,6 +12,7 @@ epoch, split over (rank, worker), samples permuted in blocks of
 from __future__ import annotations
 
 import functools
+import json
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -105,10 +109,25 @@ class WebDatasetSource(StreamingSource):
         return EvalSplit(raws, functools.partial(self._held_out, split))
 
     def _held_out(self, split: str, raw: dict[str, Any]) -> ImageText:
+        key, class_field = raw[KEY_FIELD], self.config.class_field
+        labels = {}
+        if class_field is not None:
+            if class_field not in raw:
+                raise UserError(
+                    f"held-out split '{split}': sample {key} has no '{class_field}' (data.class_field)"
+                )
+            labels["class"] = int(raw[class_field].decode().strip())
+            raw = {self.config.caption_field: b"-", **raw}  # a classification shard has no caption
         try:
-            return self._example(raw, self.eval_pipeline, seed=0, epoch=0)
+            example = self._example(raw, self.eval_pipeline, seed=0, epoch=0)
         except BadSample as exc:
             raise UserError(f"held-out split '{split}': {exc.kind} sample {exc}") from exc
+        captions = json.loads(raw["json"]).get("captions", ()) if "json" in raw else ()
+        captions = tuple(clean_caption(text, self.config.max_words) for text in captions) or (
+            example.caption,
+        )
+        example.image_id, example.captions, example.labels = key, captions, labels
+        return example
 
 
 def _count_shard(url: str) -> int:

@@ -1,79 +1,124 @@
-"""Image<->text retrieval: recall at K in both directions.
+"""Image<->text retrieval over image groups: recall at K in both directions (COCO/Flickr protocol).
 
-Every image of a split is paired with its caption. Generated captions repeat
-(many images show the same thing), so a text ``j`` counts as a correct match
-for image ``i`` exactly when the two captions are identical, and likewise an
-image for a text. Chance is computed from the data: a random ranking puts a
-match first with probability (matches of the query) / (gallery size), averaged
-over queries.
+A split is a list of images, each with an image id and one or more captions
+(COCO and Flickr30k: five). Identity comes from image ids only, never from
+caption text, so repeated captions of different images never count:
+
+* image -> text: a hit at K when any caption of the image is among the K
+  texts nearest to it;
+* text -> image: per caption, a hit at K when its image is among the K
+  images nearest to it.
+
+Items that share an image id are one image shown several times (the
+generated shapes: renders of one attribute combination), so each is a
+positive of the others' captions. Chance is computed from the data: a random
+ranking puts a positive first with probability (positives of the query) /
+(gallery size), averaged over queries, per direction.
+
+Every rank embeds its share of the split (``vlforge.eval.shards``); the
+embeddings are gathered, so every rank returns the one-process metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+
+from vlforge.eval.shards import eval_mode, gather_list, gather_rows, my_batches
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vlforge.components import BuildContext
     from vlforge.eval import RetrievalConfig
 
 KS = (1, 5, 10)
 QUERY_CHUNK = 1024  # queries ranked at once: bounds the (chunk, gallery) similarity matrix
 
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad inside; the model's previous mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+Encoded = dict[str, torch.Tensor]  # named (B, ...) tensors of one batch
 
 
 @dataclass
 class SplitEmbeddings:
-    images: torch.Tensor  # (N, E) float32
-    texts: torch.Tensor | None  # (N, E) float32, None when not asked for
-    captions: list[str]
+    """What a split holds, encoded, in split order, gathered from every rank."""
+
+    images: Encoded  # name -> (N, ...); "embedding" (N, E) float32 for the core evaluators
+    image_ids: list[str]  # (N,) identity of each image item
+    texts: Encoded | None  # name -> (M, ...) over every caption of every item, None when not asked for
+    text_image_ids: list[str]  # (M,) image id of each caption
     labels: dict[str, torch.Tensor]  # name -> (N,) long
 
 
 def embed_split(
-    model: Any, data: Any, split: str, *, batch_size: int, device: str, with_text: bool = True
+    data: Any,
+    split: str,
+    *,
+    batch_size: int,
+    encode_images: Callable[[torch.Tensor], Encoded],
+    encode_texts: Callable[[list[str]], Encoded] | None = None,
 ) -> SplitEmbeddings:
-    """Embed every item of ``data.dataset(split)`` in order, in this process (call under ``eval_mode``)."""
-    loader = DataLoader(data.dataset(split), batch_size=batch_size, collate_fn=data.collate)
-    images, texts, captions = [], [], []
+    """Encode this rank's batches of ``data.dataset(split)``, gather every rank's (under ``eval_mode``).
+
+    ``encode_images(images (B,3,H,W))`` and ``encode_texts(captions)`` return named tensors per
+    batch; texts are all captions of a batch's items (``all_captions``, else ``captions``).
+    """
+    dataset = data.dataset(split)
+    images: dict[str, list[torch.Tensor]] = {}
+    texts: dict[str, list[torch.Tensor]] = {}
     labels: dict[str, list[torch.Tensor]] = {}
-    for batch in loader:
-        images.append(model.encode_image(batch["images"].to(device)).float().cpu())  # (B,E)
-        if with_text:
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            texts.append(model.encode_text(ids, mask).float().cpu())  # (B,E)
-        captions += batch["captions"]
+    image_ids: list[str] = []
+    text_image_ids: list[str] = []
+    for items, keep in my_batches(len(dataset), batch_size):
+        batch = data.collate([dataset[i] for i in items])
+        encoded_images = encode_images(batch["images"])
+        if encode_texts is not None:
+            captions = batch.get("all_captions") or [[caption] for caption in batch["captions"]]
+            encoded_texts = encode_texts([text for group in captions for text in group])
+        if not keep:  # padding: run only so that every rank calls the model equally often
+            continue
+        ids = batch.get("image_ids") or batch.get("keys") or [str(i) for i in items]
+        image_ids += ids
+        for name, value in encoded_images.items():
+            images.setdefault(name, []).append(value)
         for name, values in batch.get("labels", {}).items():
             labels.setdefault(name, []).append(values)
+        if encode_texts is not None:
+            text_image_ids += [image for image, group in zip(ids, captions) for _ in group]
+            for name, value in encoded_texts.items():
+                texts.setdefault(name, []).append(value)
+    gathered_texts = None
+    if encode_texts is not None:
+        gathered_texts = {name: gather_rows(parts) for name, parts in texts.items()}
     return SplitEmbeddings(
-        images=torch.cat(images),
-        texts=torch.cat(texts) if with_text else None,
-        captions=captions,
-        labels={name: torch.cat(values) for name, values in labels.items()},
+        images={name: gather_rows(parts) for name, parts in images.items()},
+        image_ids=gather_list(image_ids),
+        texts=gathered_texts,
+        text_image_ids=gather_list(text_image_ids),
+        labels={name: gather_rows(parts) for name, parts in labels.items()},
     )
 
 
-def caption_ids(captions: list[str]) -> torch.Tensor:
-    """(N,) long: equal ids exactly for identical captions."""
+def core_encoders(model: Any, ctx: BuildContext, device: str) -> tuple[Callable, Callable]:
+    """``encode_images``/``encode_texts`` giving the model's joint embeddings, fp32 on the CPU."""
+
+    def encode_images(images: torch.Tensor) -> Encoded:
+        return {"embedding": model.encode_image(images.to(device)).float().cpu()}  # (B, E)
+
+    def encode_texts(captions: list[str]) -> Encoded:
+        tokens = ctx.parts["text"].tokenize(captions)
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        return {"embedding": model.encode_text(ids, mask).float().cpu()}  # (M, E)
+
+    return encode_images, encode_texts
+
+
+def integer_ids(*groups: list[str]) -> list[torch.Tensor]:
+    """Each list of string ids as (n,) long, equal exactly for equal strings across all lists."""
     index: dict[str, int] = {}
-    return torch.tensor([index.setdefault(caption, len(index)) for caption in captions])
+    return [torch.tensor([index.setdefault(value, len(index)) for value in group]) for group in groups]
 
 
 def recall_at_k(
@@ -93,40 +138,44 @@ def recall_at_k(
 
 def chance_r1(query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> float:
     """Expected R@1 of a random ranking: mean over queries of (same-id gallery items) / G."""
-    counts = torch.bincount(gallery_ids, minlength=int(query_ids.max()) + 1)
+    size = int(max(query_ids.max(), gallery_ids.max())) + 1
+    counts = torch.bincount(gallery_ids, minlength=size)
     return float(counts[query_ids].float().mean()) / len(gallery_ids)
 
 
-def retrieval_metrics(images: torch.Tensor, texts: torch.Tensor, captions: list[str]) -> dict[str, float]:
-    """R@K both ways for paired (N,E) image and text embeddings; item i's caption is ``captions[i]``."""
-    ids = caption_ids(captions)
-    i2t = recall_at_k(images, texts, ids, ids)
-    t2i = recall_at_k(texts, images, ids, ids)
+def retrieval_metrics(
+    images: torch.Tensor, image_ids: list[str], texts: torch.Tensor, text_image_ids: list[str]
+) -> dict[str, float]:
+    """R@K both ways for (N,E) images and (M,E) captions; caption j shows image id ``text_image_ids[j]``."""
+    image_keys, text_keys = integer_ids(image_ids, text_image_ids)
+    i2t = recall_at_k(images, texts, image_keys, text_keys)
+    t2i = recall_at_k(texts, images, text_keys, image_keys)
     metrics = {f"i2t_r{k}": i2t[k] for k in KS} | {f"t2i_r{k}": t2i[k] for k in KS}
-    # Images and captions are paired one to one, so chance is the same in both directions.
-    metrics["chance_r1"] = chance_r1(ids, ids)
+    metrics["i2t_chance_r1"] = chance_r1(image_keys, text_keys)
+    metrics["t2i_chance_r1"] = chance_r1(text_keys, image_keys)
     return metrics
 
 
 class RetrievalEvaluator:
     """Image->text and text->image recall at 1/5/10 over a whole split of ``ctx.parts["data"]``.
 
-    A text matches an image iff their captions are identical (generated
-    captions repeat). Computed on the full split in the calling process, with
-    no collective calls: the engine runs it on rank 0 and broadcasts.
+    Every rank embeds its share; every rank returns the same, one-process metrics.
     """
 
     def __init__(self, config: RetrievalConfig) -> None:
         self.config = config
 
     def evaluate(self, model: nn.Module, ctx: BuildContext) -> dict[str, float]:
+        encode_images, encode_texts = core_encoders(model, ctx, ctx.device)
         with eval_mode(model):
             split = embed_split(
-                model,
                 ctx.parts["data"],
                 self.config.split,
                 batch_size=self.config.batch_size,
-                device=ctx.device,
+                encode_images=encode_images,
+                encode_texts=encode_texts,
             )
         assert split.texts is not None
-        return retrieval_metrics(split.images, split.texts, split.captions)
+        return retrieval_metrics(
+            split.images["embedding"], split.image_ids, split.texts["embedding"], split.text_image_ids
+        )

@@ -378,6 +378,8 @@ def _with_recipe_snapshot(run: PlannedRun) -> RunJob:
     from vlforge.results.rundir import write_atomic
 
     job = run.job
+    if job.evaluate is not None:  # `vlforge eval`: the evaluated run's own recipe.toml stays as it is
+        return job
     if not job.resume:
         fs, path = fsspec.core.url_to_fs(job.run_dir)
         fs.makedirs(path, exist_ok=True)
@@ -448,7 +450,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
             resume=self.job.resume or restarts > 0,
             extra_plugins=(*self.job.extra_plugins, __name__),  # for vlforge_step_start below
         )
-        if _read_status_json(job.run_dir).get("status") == "completed":
+        if job.evaluate is None and _read_status_json(job.run_dir).get("status") == "completed":
             print(f"vlforge: run {job.run_id} is already completed; nothing to do")
             return "completed"
         if restarts > self.max_requeues:

@@ -12,6 +12,8 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+from vlforge.eval.target import EvalTarget
+
 EXIT_CODES = {"completed": 0, "failed": 1, "preempted": 3, "interrupted": 130}
 # Rank 0 writes buffered metrics at the first log step this long after the last write: a log
 # interval's rows reach the run directory (and so `vlforge query`) within about one interval.
@@ -27,6 +29,8 @@ class RunJob:
     run_id: str
     resume: bool = False
     extra_plugins: tuple[str, ...] = ()
+    # `vlforge eval`: evaluate this checkpoint instead of training (vlforge.eval.runner).
+    evaluate: EvalTarget | None = None
 
     @property
     def run_dir(self) -> str:
@@ -57,6 +61,16 @@ def run_job(job: RunJob) -> str:
     from vlforge.runlog import RunLog, progress_line
 
     recipe, plugins = load_recipe(job.recipe_path, job.overrides, job.extra_plugins)
+    if job.evaluate is not None:
+        from vlforge.eval.runner import run_evaluation
+
+        try:
+            return run_evaluation(job, job.evaluate, recipe, plugins)
+        finally:
+            if dist.is_distributed():
+                import torch.distributed
+
+                torch.distributed.destroy_process_group()
     run = _open_run(job, recipe, plugins) if dist.rank() == 0 else None
     status, reason = "failed", None
     with RunLog(job.run_dir) if run is not None else nullcontext():
