@@ -86,7 +86,8 @@ def run_job(job: RunJob) -> str:
     return status
 
 
-def _open_run(job: RunJob, recipe):
+def _open_run(job: RunJob, recipe, extra_config: dict | None = None):
+    """Rank 0's RunWriter: the run reopened when resuming, else created (config plus ``extra_config``)."""
     import fsspec
 
     from vlforge.results.rundir import RunWriter
@@ -102,7 +103,7 @@ def _open_run(job: RunJob, recipe):
         job.run_id,
         recipe_name=recipe.name,
         recipe_toml=recipe.to_toml(),
-        config=recipe.resolved(),
+        config=recipe.resolved() | (extra_config or {}),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )
 
