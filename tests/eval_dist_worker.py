@@ -26,6 +26,8 @@ CASES = {
             'evaluators.shape.type="zeroshot"',
             'evaluators.shape.attribute="shape"',
             "evaluators.shape.batch_size=7",
+            'evaluators.whole.type="retrieval"',  # one batch: rank 1 runs only the padding batch
+            "evaluators.whole.batch_size=64",
         ],
     ),
     # ALBEF: ITC retrieval and ITM re-ranking of the top 4, one query per ITM call (15 queries).

@@ -32,7 +32,7 @@ def test_two_rank_evaluation_equals_one_rank(tmp_path, monkeypatch):
     one = torch.load(tmp_path / "world1_rank0.pt")
     two = [torch.load(tmp_path / f"world2_rank{rank}.pt") for rank in range(2)]
     assert set(one) == {"clip", "albef", "flamingo"}
-    assert set(one["clip"]) == {"retrieval", "zeroshot", "shape"}
+    assert set(one["clip"]) == {"retrieval", "zeroshot", "shape", "whole"}
     assert {"itm_i2t_r1", "itm_t2i_r10", "i2t_r1"} <= set(one["albef"]["retrieval"])
     assert {"0shot_accuracy", "2shot_accuracy"} <= set(one["flamingo"]["vqa"])
     assert {"0shot_cider", "2shot_cider"} <= set(one["flamingo"]["caption"])

@@ -575,8 +575,7 @@ def load_recipe(
         for key, _, table in recipe.component_tables():
             table._config = configs.get(key)
         problems += check_consistency(recipe, raw)
-        if not problems:  # the evaluators' data checks read validated component configs
-            problems += check_evaluator_data(recipe, raw)
+        problems += check_evaluator_data(recipe, raw)
     if problems:
         raise RecipeError(raw.path, problems)
     return recipe, plugins
@@ -608,8 +607,10 @@ def check_evaluator_data(recipe: Recipe, raw: RawRecipe) -> list[Problem]:
     """
     problems = []
     for name, table in recipe.evaluators.items():
-        check = getattr(table.config, "data_problems", None)
         data, data_key = (table.data, f"evaluators.{name}.data") if table.data else (recipe.data, "data")
+        if table._config is None or data._config is None:  # invalid tables are reported already
+            continue
+        check = getattr(table.config, "data_problems", None)
         if check is None:
             continue
         for key, message in check(data.config, data.type):

@@ -142,8 +142,12 @@ class FewShotConfig(ComponentConfig):
     task: Literal["caption", "vqa"] = Field("vqa", description="'caption' (CIDEr, exact match) or 'vqa'")
     shots: list[int] = Field(default_factory=lambda: [0, 4], description="in-context examples per prompt")
     attribute: Literal["color", "shape", "size", "position"] = Field("color", description="vqa: asked about")
-    num_queries: int = Field(64, gt=0, description="held-out images evaluated")
-    split: Literal["val", "test"] = Field("val", description="split the queries come from")
+    num_queries: int = Field(64, gt=0, description="held-out images evaluated (source 'data': at most)")
+    split: str = Field("val", description="split the queries come from (shapes: val or test)")
+    source: Literal["shapes", "data"] = Field(
+        "shapes", description="'shapes': generated; 'data': the evaluator's data splits (captioning)"
+    )
+    support_split: str = Field("train", description="source 'data': split the in-context examples come from")
     max_new_tokens: int | None = Field(None, gt=0, description="default: 20 for captions, 5 for vqa")
     batch_size: int = Field(32, gt=0, description="prompts generated at once")
     seed: int = Field(0, ge=0, description="generated images and the choice of in-context examples")
@@ -153,6 +157,10 @@ class FewShotConfig(ComponentConfig):
     def _shots(self) -> FewShotConfig:
         if not self.shots or min(self.shots) < 0:
             raise ValueError(f"shots must be non-negative and not empty, got {self.shots}")
+        if self.source == "data" and self.task != "caption":
+            raise ValueError("source 'data' evaluates captioning only (task = 'caption')")
+        if self.source == "shapes" and self.split not in ("val", "test"):
+            raise ValueError(f"generated shapes have splits val and test, not '{self.split}'")
         return self
 
 

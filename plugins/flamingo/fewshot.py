@@ -11,6 +11,12 @@ k = 0 the prompt holds two text-only examples (no image), as in Flamingo.
   captions' template); reports CIDEr-D (×100, the paper's scale) and exact match.
 * vqa: ``question : what color is the shape ? answer : red``; reports
   exact-match accuracy and chance (1 / number of answers).
+
+With ``source = "data"`` (captioning only) queries and examples come from the
+evaluator's data instead: a held-out caption file (COCO's Karpathy test split,
+say) gives the query images, each scored by CIDEr-D against all its captions,
+and ``support_split`` the in-context examples (each shown with its first
+caption). Images then get the vision encoder's eval transform.
 """
 
 from __future__ import annotations
@@ -41,6 +47,38 @@ def canonical_caption(item: dict[str, Any]) -> str:
     return CAPTION_TEMPLATES[0].format(**{name: ATTRIBUTES[name][i] for name, i in item["labels"].items()})
 
 
+class ShapesItems:
+    """Generated queries or examples: items are dicts with an (H,W,3) uint8 ``image`` and ``labels``."""
+
+    def __init__(self, dataset: ShapesDataset, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.dataset, self.mean, self.std = dataset, mean, std
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def pixels(self, item: dict[str, Any]) -> torch.Tensor:
+        return normalize_images(item["image"][None], self.mean, self.std)[0]  # (3,H,W)
+
+
+class DataItems:
+    """Queries or examples from a data source's held-out split: ``ImageText`` items with captions."""
+
+    def __init__(self, dataset: Any, limit: int | None = None) -> None:
+        self.dataset, self.length = dataset, min(len(dataset), limit or len(dataset))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def pixels(self, item: Any) -> torch.Tensor:
+        return item.image  # (3,H,W), already normalised by the source's eval pipeline
+
+
 class FewShotEvaluator:
     """Greedy k-shot generation over ``num_queries`` held-out images for each k in ``shots``.
 
@@ -54,11 +92,17 @@ class FewShotEvaluator:
 
     # ------------------------------------------------------------------ prompts
 
-    def answer(self, item: dict[str, Any]) -> str:
+    def answer(self, item: Any) -> str:
+        if self.config.source == "data":
+            return item.captions[0] if item.captions else item.caption
         if self.config.task == "caption":
             return canonical_caption(item)
         attribute = self.config.attribute
         return ATTRIBUTES[attribute][item["labels"][attribute]]
+
+    def references(self, item: Any) -> list[str]:
+        """What a prediction for ``item`` is scored against: every caption of a data image."""
+        return list(item.captions or (item.caption,)) if self.config.source == "data" else [self.answer(item)]
 
     def prefix(self) -> str:
         """What follows the query's ``<image>`` before the generated answer."""
@@ -70,58 +114,67 @@ class FewShotEvaluator:
         text = f"{self.prefix()} {self.answer(item)}".strip()
         return f"{IMAGE_TOKEN if with_image else ''}{text}{END_OF_CHUNK}"
 
-    def prompt(self, query: dict[str, Any], examples: list[dict[str, Any]], shots: int) -> tuple[str, list]:
-        """(text, images) of one prompt: the examples' images, then the query's."""
+    def prompt(self, query: Any, examples: list[Any], shots: int, items: Any) -> tuple[str, torch.Tensor]:
+        """(text, (images, 3, H, W)) of one prompt: the examples' images, then the query's."""
         with_images = shots > 0
         text = "".join(self.example(item, with_images) for item in examples)
-        images = [item["image"] for item in examples] if with_images else []
-        return f"{text}{IMAGE_TOKEN}{self.prefix()}", [*images, query["image"]]
+        images = [items.pixels(item) for item in examples] if with_images else []
+        return f"{text}{IMAGE_TOKEN}{self.prefix()}", torch.stack([*images, items.pixels(query)])
 
-    def examples_for(self, index: int, shots: int, support: ShapesDataset) -> list[dict[str, Any]]:
+    def examples_for(self, index: int, shots: int, support: Any) -> list[Any]:
         count = shots or ZERO_SHOT_TEXT_EXAMPLES
         rng = np.random.default_rng([self.config.seed, index, shots])
         return [support[int(i)] for i in rng.choice(len(support), size=count, replace=False)]
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, model: Any, ctx: BuildContext) -> dict[str, float]:
+    def sources(self, model: Any, ctx: BuildContext) -> tuple[Any, Any]:
+        """(support, queries): generated shapes, or the evaluator's data splits."""
+        config = self.config
+        if config.source == "data":
+            data = ctx.parts["data"]
+            return DataItems(data.dataset(config.support_split)), DataItems(
+                data.dataset(config.split), config.num_queries
+            )
         data_config = model.vision.data_config
-        shapes = {
-            "seed": self.config.seed,
-            "image_size": int(data_config["input_size"][-1]),
-            "noise": self.config.background_noise,
-        }
-        support = ShapesDataset(split="train", length=SUPPORT_SIZE, **shapes)
-        queries = ShapesDataset(split=self.config.split, length=self.config.num_queries, **shapes)
         mean = torch.tensor(data_config["mean"], dtype=torch.float32)
         std = torch.tensor(data_config["std"], dtype=torch.float32)
+        shapes = {
+            "seed": config.seed,
+            "image_size": int(data_config["input_size"][-1]),
+            "noise": config.background_noise,
+        }
+        support = ShapesDataset(split="train", length=SUPPORT_SIZE, **shapes)
+        queries = ShapesDataset(split=config.split, length=config.num_queries, **shapes)
+        return ShapesItems(support, mean, std), ShapesItems(queries, mean, std)
+
+    def evaluate(self, model: Any, ctx: BuildContext) -> dict[str, float]:
+        support, queries = self.sources(model, ctx)
         metrics: dict[str, float] = {}
         with eval_mode(model):
             for shots in self.config.shots:
-                predictions, answers = [], []
+                predictions, references = [], []
                 for items, keep in my_batches(len(queries), self.config.batch_size):
                     batch = [queries[i] for i in items]
                     prompts = [
-                        self.prompt(item, self.examples_for(index, shots, support), shots)
+                        self.prompt(item, self.examples_for(index, shots, support), shots, queries)
                         for index, item in zip(items, batch)
                     ]
-                    generated = self.generate(model, prompts, mean, std, ctx.device)
+                    generated = self.generate(model, prompts, ctx.device)
                     if keep:
                         predictions += generated
-                        answers += [self.answer(item) for item in batch]
-                metrics |= self.score(shots, gather_list(predictions), gather_list(answers))
+                        references += [self.references(item) for item in batch]
+                metrics |= self.score(shots, gather_list(predictions), gather_list(references))
         if self.config.task == "vqa":
             metrics["chance"] = 1 / len(ATTRIBUTES[self.config.attribute])
         return metrics
 
-    def generate(
-        self, model: Any, prompts: list[tuple[str, list]], mean: torch.Tensor, std: torch.Tensor, device: str
-    ) -> list[str]:
+    def generate(self, model: Any, prompts: list[tuple[str, torch.Tensor]], device: str) -> list[str]:
         fusion = model.fusion
         tokens = tokenize_padded(
             fusion.tokenizer, [text for text, _ in prompts], MAX_PROMPT_TOKENS, side="left"
         )
-        images = torch.stack([normalize_images(np.stack(images), mean, std) for _, images in prompts])
+        images = torch.stack([images for _, images in prompts])  # (B, T, 3, H, W)
         media = model.adapter.encode_images(model.vision, images.to(device))  # (B,T,n,d_v)
         rows = greedy_generate(
             fusion,
@@ -133,11 +186,17 @@ class FewShotEvaluator:
         )
         return [fusion.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
-    def score(self, shots: int, predictions: list[str], answers: list[str]) -> dict[str, float]:
+    def score(self, shots: int, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         exact = float(
-            np.mean([normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers)])
+            np.mean(
+                [
+                    any(normalize_answer(p) == normalize_answer(r) for r in refs)
+                    for p, refs in zip(predictions, references)
+                ]
+            )
         )
         if self.config.task == "vqa":
             return {f"{shots}shot_accuracy": exact}
-        cider = 100 * cider_d([normalize_answer(p) for p in predictions], [[a] for a in answers])
+        normalized = [[normalize_answer(r) for r in refs] for refs in references]
+        cider = 100 * cider_d([normalize_answer(p) for p in predictions], normalized)
         return {f"{shots}shot_cider": cider, f"{shots}shot_exact_match": exact}

@@ -74,21 +74,20 @@ def embed_split(
     for items, keep in my_batches(len(dataset), batch_size):
         batch = data.collate([dataset[i] for i in items])
         encoded_images = encode_images(batch["images"])
-        if encode_texts is not None:
-            captions = batch.get("all_captions") or [[caption] for caption in batch["captions"]]
-            encoded_texts = encode_texts([text for group in captions for text in group])
-        if not keep:  # padding: run only so that every rank calls the model equally often
-            continue
+        captions = batch.get("all_captions") or [[caption] for caption in batch.get("captions", [])]
+        encoded_texts = encode_texts([text for group in captions for text in group]) if encode_texts else {}
         ids = batch.get("image_ids") or batch.get("keys") or [str(i) for i in items]
-        image_ids += ids
-        for name, value in encoded_images.items():
-            images.setdefault(name, []).append(value)
-        for name, values in batch.get("labels", {}).items():
-            labels.setdefault(name, []).append(values)
-        if encode_texts is not None:
+        # Padding batches count for the names (every rank gathers the same ones), not the rows.
+        for outputs, encoded in (
+            (images, encoded_images),
+            (texts, encoded_texts),
+            (labels, batch.get("labels", {})),
+        ):
+            for name, value in encoded.items():
+                outputs.setdefault(name, []).extend([value] if keep else [])
+        if keep:
+            image_ids += ids
             text_image_ids += [image for image, group in zip(ids, captions) for _ in group]
-            for name, value in encoded_texts.items():
-                texts.setdefault(name, []).append(value)
     gathered_texts = None
     if encode_texts is not None:
         gathered_texts = {name: gather_rows(parts) for name, parts in texts.items()}

@@ -60,17 +60,10 @@ def run_evaluation(job: RunJob, target: EvalTarget, recipe: Recipe, plugins: Plu
 def _writer(job: RunJob, target: EvalTarget, recipe: Recipe) -> Any:
     import fsspec
 
+    from vlforge.launch.worker import _open_writer
     from vlforge.results.rundir import RunWriter, read_json
 
     if target.into_run:
         fs, path = fsspec.core.url_to_fs(job.run_dir)
         return RunWriter(fs, path, read_json(fs, f"{path}/status.json"))
-    return RunWriter.create(
-        job.root,
-        job.experiment,
-        job.run_id,
-        recipe_name=recipe.name,
-        recipe_toml=recipe.to_toml(),
-        config=recipe.resolved() | {"eval_only": {"checkpoint": target.checkpoint, "step": target.step}},
-        world_size=dist.world_size(),
-    )
+    return _open_writer(job, recipe, {"eval_only": {"checkpoint": target.checkpoint, "step": target.step}})

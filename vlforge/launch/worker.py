@@ -103,6 +103,7 @@ def run_job(job: RunJob) -> str:
 
 
 def _open_run(job: RunJob, recipe, plugins):
+    """Rank 0's RunWriter with the recipe's sinks (trackers) attached."""
     from vlforge.sinks.fanout import open_sinks
 
     run = _open_writer(job, recipe)
@@ -110,7 +111,8 @@ def _open_run(job: RunJob, recipe, plugins):
     return run
 
 
-def _open_writer(job: RunJob, recipe):
+def _open_writer(job: RunJob, recipe, extra_config: dict | None = None):
+    """The run reopened when resuming, else created (its config plus ``extra_config``)."""
     import fsspec
 
     from vlforge.results.rundir import RunWriter
@@ -128,7 +130,7 @@ def _open_writer(job: RunJob, recipe):
         job.run_id,
         recipe_name=recipe.name,
         recipe_toml=recipe.to_toml(),
-        config=recipe.resolved(),
+        config=recipe.resolved() | (extra_config or {}),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
         flush_seconds=LIVE_FLUSH_S,
     )

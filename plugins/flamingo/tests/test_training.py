@@ -198,3 +198,40 @@ def test_core_readers_feed_flamingo_through_the_plugin_collates(tmp_path, monkey
     losses = {row["name"]: row["value"] for row in rows}
     assert losses["train/loss"] == pytest.approx(losses["train/lm.interleaved"] + losses["train/lm.pairs"])
     assert 0 < losses["train/lm.pairs"] < losses["train/lm.interleaved"]  # λ = 0.2 against 1.0
+
+
+def test_fewshot_captioning_on_a_caption_file_scores_against_every_caption(tmp_path, monkeypatch):
+    """``source = "data"``: queries and examples from the evaluator's caption file (COCO's layout)."""
+    from vlforge_plugins.flamingo import fewshot
+
+    paths = write_shapes_folder(tmp_path / "images", 5, image_size=32)
+    lines = [
+        json.dumps({"image": f"images/{path.name}", "image_id": index, "caption": text})
+        for index, path in enumerate(paths)
+        for text in (path.with_suffix(".txt").read_text(), f"picture {index}")
+    ]
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    table = [
+        'evaluators.coco.type="flamingo.fewshot"',
+        'evaluators.coco.task="caption"',
+        'evaluators.coco.source="data"',
+        'evaluators.coco.split="test"',
+        'evaluators.coco.support_split="test"',
+        "evaluators.coco.shots=[0, 1]",
+        "evaluators.coco.num_queries=100",  # more than the file holds: all 5 images
+        "evaluators.coco.max_new_tokens=3",
+        'evaluators.coco.data.type="captions"',
+        f'evaluators.coco.data.files="{tmp_path / "test.jsonl"}"',
+        f'evaluators.coco.data.splits.test="{tmp_path / "test.jsonl"}"',
+    ]
+    recipe, plugins = load_recipe(TINY, [*SMALL, "train.steps=1", *table])
+    trainer = Trainer(recipe, plugins, str(tmp_path / "run"))
+    scored: list[list[list[str]]] = []
+    score = fewshot.FewShotEvaluator.score
+    monkeypatch.setattr(
+        fewshot.FewShotEvaluator, "score", lambda self, k, p, r: scored.append(r) or score(self, k, p, r)
+    )
+    metrics = trainer.evaluate(["coco"])["coco"]
+    assert metrics.keys() == {"0shot_cider", "0shot_exact_match", "1shot_cider", "1shot_exact_match"}
+    assert len(scored) == 2 and len(scored[0]) == 5  # every image once, with both its captions
+    assert scored[0][3] == [paths[3].with_suffix(".txt").read_text(), "picture 3"]
