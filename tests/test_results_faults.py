@@ -170,11 +170,12 @@ def test_ctrl_c_stops_a_query_within_a_second(tmp_path: Path) -> None:
     assert proc.poll() is None
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
+    message = proc.stderr.readline()  # printed once DuckDB has stopped the query
     took = time.monotonic() - sent
+    stderr = message + proc.communicate(timeout=30)[1]
     assert proc.returncode == 130, stderr
-    assert "query interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr
-    assert took < 1.5, f"Ctrl-C took {took:.2f} s"  # interrupt + interpreter exit
+    assert "query interrupted (Ctrl-C)" in message and "Traceback" not in stderr
+    assert took < 1.0, f"Ctrl-C took {took:.2f} s to stop the query"
 
 
 # -- a damaged index ----------------------------------------------------------------------------
