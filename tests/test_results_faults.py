@@ -337,3 +337,28 @@ def test_full_disk_while_logging_and_indexing(tmp_path: Path) -> None:
         assert rows(disk, "SELECT count(*), max(step) FROM metrics WHERE name = 'train/loss'") == [
             (len(steps), len(steps))
         ]
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_attempts_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = fsspec.filesystem("file")
+    path = str(tmp_path / "run.lock")
+    now = datetime.now(UTC).isoformat()
+    earlier = {
+        "pid": 1,
+        "host": "node7",
+        "since": now,
+        "heartbeat": now,
+        "token": "t",
+        "slurm_job": ["42", "0"],
+    }
+    Path(path).write_text(json.dumps(earlier))
+    monkeypatch.setenv("SLURM_JOB_ID", "43")  # another job: the fresh holder on node7 is alive
+    with pytest.raises(LockHeldError):
+        FileLock(fs, path, stale_after=600).acquire(timeout=0)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeue of job 42: its attempt 0 has ended
+    requeued = FileLock(fs, path, stale_after=600)
+    requeued.acquire(timeout=0)
+    assert requeued.read()["slurm_job"] == ["42", "1"]
