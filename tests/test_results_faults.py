@@ -362,3 +362,22 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_attempts_lock(
     requeued = FileLock(fs, path, stale_after=600)
     requeued.acquire(timeout=0)
     assert requeued.read()["slurm_job"] == ["42", "1"]
+
+
+def test_a_dead_indexer_on_another_host_is_taken_over_and_a_live_one_beats(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    lock = tmp_path / "index.duckdb.lock"
+    beat = (datetime.now(UTC) - timedelta(seconds=120)).isoformat()
+    lock.write_text(json.dumps({"pid": 1, "host": "login2", "since": beat, "heartbeat": beat, "token": "t"}))
+    start = time.monotonic()
+    build_index(str(tmp_path), lock_timeout=60)  # 120 s without a beat: that indexer is gone
+    assert time.monotonic() - start < 10.0 and not lock.exists()
+    assert rows(tmp_path, "SELECT count(*) FROM runs") == [(1,)]
+
+    live = FileLock(fsspec.filesystem("file"), str(lock))
+    live.acquire(timeout=0)
+    first = live.read()["heartbeat"]
+    with live.beating(every=0.05):
+        time.sleep(0.5)
+    assert live.read()["heartbeat"] > first
+    live.release()

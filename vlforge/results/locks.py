@@ -21,8 +21,10 @@ import json
 import os
 import secrets
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -90,6 +92,25 @@ class FileLock:
             os.replace(tmp, self.path)
         else:
             self.fs.mv(tmp, self.path)
+
+    @contextlib.contextmanager
+    def beating(self, every: float) -> Iterator[None]:
+        """Beat every ``every`` seconds from a background thread while the block runs (for holders
+        that do long work without a natural place to beat, such as the indexer)."""
+        stop = threading.Event()
+
+        def beat_until_stopped() -> None:
+            while not stop.wait(every):
+                with contextlib.suppress(OSError):  # a missed beat only delays a take-over
+                    self.beat()
+
+        thread = threading.Thread(target=beat_until_stopped, name="vlforge-lock-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def release(self) -> None:
         """Remove the lock if it is still ours (it may have been taken over after a long stall)."""
