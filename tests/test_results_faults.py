@@ -170,11 +170,12 @@ def test_ctrl_c_stops_a_query_within_a_second(tmp_path: Path) -> None:
     assert proc.poll() is None
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
+    message = proc.stderr.readline()  # printed once DuckDB has stopped the query
     took = time.monotonic() - sent
+    stderr = message + proc.communicate(timeout=30)[1]
     assert proc.returncode == 130, stderr
-    assert "query interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr
-    assert took < 1.5, f"Ctrl-C took {took:.2f} s"  # interrupt + interpreter exit
+    assert "query interrupted (Ctrl-C)" in message and "Traceback" not in stderr
+    assert took < 1.0, f"Ctrl-C took {took:.2f} s to stop the query"
 
 
 # -- a damaged index ----------------------------------------------------------------------------
@@ -306,8 +307,11 @@ def test_full_disk_run_fails_naming_the_disk_and_keeps_what_was_written(
             "disk full: no space left on the disk"
         )
         assert not (run_dir / RUN_LOCK).exists() and not (disk / "index.duckdb.lock").exists()
+        # No step twice, none missing. Which steps survive is the checkpoint side's (issue 17:
+        # metrics flushed before a checkpoint commits, partial checkpoint files removed on failure);
+        # once that lands, assert that they reach the last committed checkpoint's step.
         steps = metric_steps(disk)
-        assert steps == list(range(1, len(steps) + 1))  # no step twice, none missing
+        assert steps == list(range(1, len(steps) + 1))
 
 
 def test_full_disk_while_logging_and_indexing(tmp_path: Path) -> None:
@@ -336,3 +340,47 @@ def test_full_disk_while_logging_and_indexing(tmp_path: Path) -> None:
         assert rows(disk, "SELECT count(*), max(step) FROM metrics WHERE name = 'train/loss'") == [
             (len(steps), len(steps))
         ]
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_attempts_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = fsspec.filesystem("file")
+    path = str(tmp_path / "run.lock")
+    now = datetime.now(UTC).isoformat()
+    earlier = {
+        "pid": 1,
+        "host": "node7",
+        "since": now,
+        "heartbeat": now,
+        "token": "t",
+        "slurm_job": ["42", "0"],
+    }
+    Path(path).write_text(json.dumps(earlier))
+    monkeypatch.setenv("SLURM_JOB_ID", "43")  # another job: the fresh holder on node7 is alive
+    with pytest.raises(LockHeldError):
+        FileLock(fs, path, stale_after=600).acquire(timeout=0)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeue of job 42: its attempt 0 has ended
+    requeued = FileLock(fs, path, stale_after=600)
+    requeued.acquire(timeout=0)
+    assert requeued.read()["slurm_job"] == ["42", "1"]
+
+
+def test_a_dead_indexer_on_another_host_is_taken_over_and_a_live_one_beats(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    lock = tmp_path / "index.duckdb.lock"
+    beat = (datetime.now(UTC) - timedelta(seconds=120)).isoformat()
+    lock.write_text(json.dumps({"pid": 1, "host": "login2", "since": beat, "heartbeat": beat, "token": "t"}))
+    start = time.monotonic()
+    build_index(str(tmp_path), lock_timeout=60)  # 120 s without a beat: that indexer is gone
+    assert time.monotonic() - start < 10.0 and not lock.exists()
+    assert rows(tmp_path, "SELECT count(*) FROM runs") == [(1,)]
+
+    live = FileLock(fsspec.filesystem("file"), str(lock))
+    live.acquire(timeout=0)
+    first = live.read()["heartbeat"]
+    with live.beating(every=0.05):
+        time.sleep(0.5)
+    assert live.read()["heartbeat"] > first
+    live.release()

@@ -149,6 +149,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = find_run(root, recipe.experiment, recipe.name, args.resume)
         refuse_resume_overrides(overrides, f"{run_dir}/recipe.toml")
+        from vlforge.results.rundir import take_run_lock
+
+        take_run_lock(run_dir, check_only=True)  # refuse a resume of a live run before launching
         experiment, run_id = run_dir.rstrip("/").split("/")[-2:]
         job = RunJob(
             f"{run_dir}/recipe.toml",

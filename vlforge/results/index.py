@@ -44,6 +44,10 @@ from vlforge.results.rundir import TMP_SUFFIX, to_url, url_join
 INDEX_NAME = "index.duckdb"
 LOCK_SUFFIX = ".lock"
 STALE_AFTER_S = 600.0
+# The indexer beats its lock every INDEX_LOCK_BEAT_S; an indexer on another host that has not
+# beaten for INDEX_LOCK_STALE_S is dead (this host: its pid tells at once).
+INDEX_LOCK_BEAT_S = 10.0
+INDEX_LOCK_STALE_S = 60.0
 SCHEMA_VERSION = 2  # bump when a table changes: an index of another version is rebuilt
 CHUNK_KINDS = ("metrics", "evals")
 _STEP_IN_NAME = re.compile(r"step[_-]?(\d+)")
@@ -691,10 +695,11 @@ def index_lock(
 ) -> Iterator[None]:
     """Hold ``index.duckdb.lock`` while writing the index; wait up to ``timeout`` s for it.
 
-    A lock whose holder process is dead on this host, or that is empty (a crash, a full disk), is
-    taken over at once (see :mod:`vlforge.results.locks`).
+    A lock whose holder process is dead on this host, whose holder on another host has not beaten
+    for ``INDEX_LOCK_STALE_S``, or that is empty (a crash, a full disk), is taken over at once
+    (see :mod:`vlforge.results.locks`).
     """
-    lock = FileLock(fs, lock_path)
+    lock = FileLock(fs, lock_path, stale_after=INDEX_LOCK_STALE_S)
     try:
         lock.acquire(timeout, poll)
     except LockHeldError as e:
@@ -704,6 +709,7 @@ def index_lock(
             "process is gone."
         ) from None
     try:
-        yield
+        with lock.beating(INDEX_LOCK_BEAT_S):
+            yield
     finally:
         lock.release()

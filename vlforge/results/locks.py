@@ -6,6 +6,8 @@ fails if the lock exists (an exclusive create that never leaves an empty lock, e
 disk). A lock is taken over at once when its holder is gone:
 
 - its process is dead (holder on this host);
+- it is an earlier attempt of this Slurm job (a requeue keeps the job id, and Slurm starts the
+  requeued job only after the old one has ended, possibly on another node);
 - its heartbeat is older than ``stale_after`` seconds (holder on another host);
 - it is empty or unreadable and older than ``_UNREADABLE_GRACE_S`` (left by a crash or a full disk).
 
@@ -19,8 +21,10 @@ import json
 import os
 import secrets
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,6 +63,7 @@ class FileLock:
             "since": now,
             "heartbeat": now,
             "token": secrets.token_hex(8),
+            "slurm_job": _slurm_attempt(),
         }
 
     def acquire(self, timeout: float, poll: float = 0.2) -> None:
@@ -87,6 +92,25 @@ class FileLock:
             os.replace(tmp, self.path)
         else:
             self.fs.mv(tmp, self.path)
+
+    @contextlib.contextmanager
+    def beating(self, every: float) -> Iterator[None]:
+        """Beat every ``every`` seconds from a background thread while the block runs (for holders
+        that do long work without a natural place to beat, such as the indexer)."""
+        stop = threading.Event()
+
+        def beat_until_stopped() -> None:
+            while not stop.wait(every):
+                with contextlib.suppress(OSError):  # a missed beat only delays a take-over
+                    self.beat()
+
+        thread = threading.Thread(target=beat_until_stopped, name="vlforge-lock-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def release(self) -> None:
         """Remove the lock if it is still ours (it may have been taken over after a long stall)."""
@@ -125,6 +149,9 @@ class FileLock:
     def _is_gone(self, holder: dict[str, Any] | None) -> bool:
         if holder is None:
             return self._age() >= _UNREADABLE_GRACE_S
+        mine, earlier = self.me["slurm_job"], holder.get("slurm_job")
+        if mine and earlier and earlier[0] == mine[0] and earlier[1] != mine[1]:
+            return True  # an earlier attempt of this requeued job: Slurm ended it before restarting
         if holder.get("host") == socket.gethostname():
             return not _process_alive(holder.get("pid"))
         beat = holder.get("heartbeat") or holder.get("since")
@@ -161,6 +188,12 @@ def _process_alive(pid: Any) -> bool:
     except (TypeError, ValueError, OverflowError):
         return False
     return True
+
+
+def _slurm_attempt() -> list[str] | None:
+    """``[job id, restart count]`` inside a Slurm job, else None."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return [job, os.environ.get("SLURM_RESTART_COUNT", "0")] if job else None
 
 
 def _now() -> str:

@@ -103,24 +103,31 @@ def _open_read_only(
         "temp_directory": os.path.join(_scratch_dir(), uuid.uuid4().hex[:8]),  # spills, if any
         "lock_configuration": True,
     }
+    path, is_link = _private_path(fs, index_path)
+    try:
+        return duckdb.connect(path, read_only=True, config=config)
+    except duckdb.ParserException as e:  # the one setting users give: the memory limit
+        raise QueryError(f"bad memory limit {memory_limit!r}: {e}") from None
+    finally:
+        if is_link:
+            os.remove(path)
+
+
+def _private_path(fs: fsspec.AbstractFileSystem, index_path: str) -> tuple[str, bool]:
+    """A local path to the current index that no other connection of this process uses, and
+    whether it is a hard link to remove once the file is open.
+
+    duckdb.connect(path) shares one cached instance per (resolved) path within a process, and a
+    cached instance keeps reading the file it first opened after the indexer has replaced it.
+    """
     if not isinstance(fs, LocalFileSystem):
-        return duckdb.connect(_download(fs, index_path), read_only=True, config=config)
-    # duckdb.connect(path) shares one cached instance per (resolved) path within a process, and a
-    # cached instance keeps reading the file it first opened after the indexer has replaced it.
-    # A hard link under a unique name gives this connection its own instance of the current
-    # file; it is removed as soon as the file is open.
+        return _download(fs, index_path), False
     alias = f"{index_path}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
     try:
         os.link(index_path, alias)
     except OSError:  # a read-only runs root: share the cached instance
-        alias = index_path
-    try:
-        return duckdb.connect(alias, read_only=True, config=config)
-    except duckdb.ParserException as e:  # the one setting users give: the memory limit
-        raise QueryError(f"bad memory limit {memory_limit!r}: {e}") from None
-    finally:
-        if alias != index_path:
-            os.remove(alias)
+        return index_path, False
+    return alias, True
 
 
 def query(

@@ -114,6 +114,27 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     return json.loads(fs.cat_file(path))
 
 
+def take_run_lock(run_dir: str, *, check_only: bool = False) -> FileLock:
+    """Take ``<run_dir>/run.lock`` (``check_only``: and give it back at once, to refuse early).
+
+    Raises :class:`RunLockedError` while a live process holds it.
+    """
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    lock = FileLock(fs, url_join(path, RUN_LOCK), stale_after=RUN_LOCK_STALE_S)
+    try:
+        lock.acquire(timeout=0)
+    except LockHeldError as e:
+        raise RunLockedError(
+            f"run {path.rstrip('/').rsplit('/', 1)[-1]} is already being trained ({describe(e.holder)}): "
+            f"a second attempt would write into the same directory {run_dir}. Wait for it to end or stop "
+            f"it; its lock {lock.path} is taken over once that process is gone (or, on another host, "
+            f"has not beaten for {RUN_LOCK_STALE_S:.0f} s)."
+        ) from None
+    if check_only:
+        lock.release()
+    return lock
+
+
 class RunWriter:
     """Writes one run's directory. Use from one process (rank 0); not thread-safe.
 
@@ -135,8 +156,10 @@ class RunWriter:
         *,
         flush_every: int = 1000,
         flush_seconds: float = 30.0,
+        lock: FileLock | None = None,
     ) -> None:
-        """Use :meth:`create` or :meth:`open`; ``path`` is the run directory within ``fs``."""
+        """Use :meth:`create` or :meth:`open`; ``path`` is the run directory within ``fs``, ``lock``
+        its run lock, held."""
         self._fs = fs
         self._path = path
         self.run_dir = to_url(fs, path)  # what to show and pass around: keeps the protocol
@@ -148,7 +171,7 @@ class RunWriter:
         self._last_flush = time.monotonic()
         self._last_status_write = -math.inf
         self._closed = False
-        self._lock = FileLock(fs, url_join(path, RUN_LOCK), stale_after=RUN_LOCK_STALE_S)
+        self._lock = lock or FileLock(fs, url_join(path, RUN_LOCK), stale_after=RUN_LOCK_STALE_S)
         # Trackers mirroring what this writer writes (vlforge.sinks.fanout.SinkSet), if any.
         self.sinks: Any = None
 
@@ -199,8 +222,8 @@ class RunWriter:
             "hosts": hosts,
             "attempts": [],
         }
-        writer = cls(fs, path, status, flush_every=flush_every, flush_seconds=flush_seconds)
-        writer._take_lock()
+        lock = take_run_lock(to_url(fs, path))
+        writer = cls(fs, path, status, flush_every=flush_every, flush_seconds=flush_seconds, lock=lock)
         writer._write("recipe.toml", recipe_toml.encode())
         writer._write("config.json", _dumps(config, indent=2))
         writer._start_attempt(world_size, hosts)
@@ -222,27 +245,15 @@ class RunWriter:
         recorded in ``status.json["attempts"]``.
         """
         fs, path = fsspec.core.url_to_fs(run_dir)
+        lock = take_run_lock(run_dir)  # before anything is read or written: a second attempt changes nothing
         status = read_json(fs, url_join(path, "status.json"))
-        writer = cls(fs, path, status, flush_every=flush_every, flush_seconds=flush_seconds)
-        writer._take_lock()  # before anything is written: a second attempt must change nothing
-        writer._status = status = read_json(fs, url_join(path, "status.json"))  # as the lock holder saw it
+        writer = cls(fs, path, status, flush_every=flush_every, flush_seconds=flush_seconds, lock=lock)
         status.update(status="running", reason=None, end_time=None)
         hosts = hosts or [socket.gethostname()]
         world_size = world_size or status["world_size"]
         status.update(world_size=world_size, hosts=hosts)
         writer._start_attempt(world_size, hosts)
         return writer
-
-    def _take_lock(self) -> None:
-        try:
-            self._lock.acquire(timeout=0)
-        except LockHeldError as e:
-            raise RunLockedError(
-                f"run {self._status['run_id']} is already being trained ({describe(e.holder)}): a second "
-                f"attempt would write into the same directory {self.run_dir}. Wait for it to end or stop "
-                f"it; its lock {self._lock.path} is taken over once that process is gone (or, on another "
-                f"host, has not beaten for {RUN_LOCK_STALE_S:.0f} s)."
-            ) from None
 
     def _start_attempt(self, world_size: int, hosts: list[str]) -> None:
         job_id = slurm_job_id()
