@@ -137,3 +137,10 @@ def test_resume_refuses_overrides_it_cannot_honour(tiny_recipe, runs_root, capsy
     code = main(["run", str(tiny_recipe), "launch.nproc=1", "--resume", "--runs-root", str(runs_root)])
     err = capsys.readouterr().err
     assert code == 2 and "no unfinished run of recipe 'tiny'" in err
+
+
+def test_a_table_wide_error_names_the_table(tiny_recipe):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tiny_recipe, ['model.text.pretrained="/models/bert"'])
+    (problem,) = info.value.problems
+    assert problem.key == "model.text" and "give exactly one of 'pretrained'" in problem.message
