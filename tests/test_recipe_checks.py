@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vlforge.cli import main
+from vlforge.cli import main, refuse_resume_overrides
 from vlforge.data.tokenizers import BUILTIN_NAMES, _builtin_vocabularies
 from vlforge.encoders import TimmViTConfig
 from vlforge.encoders.vision import build_timm_vit
+from vlforge.errors import UserError
 from vlforge.recipe import RecipeError, load_recipe
 
 
@@ -128,15 +129,28 @@ def test_non_utf8_recipe_names_file_and_byte_position(tiny_recipe, write, capsys
 
 
 def test_resume_refuses_overrides_it_cannot_honour(tiny_recipe, runs_root, capsys):
-    code = main(["run", str(tiny_recipe), "optim.lr=1e30", "train.steps=9", "--resume"])
+    # A run of the recipe as `vlforge run` leaves it: its resolved recipe and an unfinished status.
+    run_dir = runs_root / "tests" / "r1"
+    run_dir.mkdir(parents=True)
+    recipe, _ = load_recipe(tiny_recipe)
+    (run_dir / "recipe.toml").write_text(recipe.to_toml())
+    status = '{"recipe_name": "tiny", "status": "interrupted", "start_time": "2026-01-01T00:00:00"}'
+    (run_dir / "status.json").write_text(status)
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+
+    code = main(["run", str(tiny_recipe), "optim.lr=1e30", "data.train_size=99", "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "cannot apply optim.lr=1e30, train.steps=9 (only launch.* may change on resume)" in err
-    assert not runs_root.exists()  # refused before anything was read or written
-    # launch.* passes the check (and then finds no run to resume)
-    code = main(["run", str(tiny_recipe), "launch.nproc=1", "--resume", "--runs-root", str(runs_root)])
-    err = capsys.readouterr().err
-    assert code == 2 and "no unfinished run of recipe 'tiny'" in err
+    assert f"--resume continues run file://{run_dir} with the recipe it started with" in err
+    assert "optim.lr=1e30 (the run has optim.lr = 0.001)" in err
+    assert "data.train_size=99 (the run has data.train_size = 512)" in err
+    assert "Only launch.* may change on resume" in err
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before  # nothing touched
+
+    # launch.* and overrides that repeat the run's own values pass.
+    refuse_resume_overrides(str(run_dir), ["launch.nproc=2", "optim.lr=1e-3", "train.steps=6"])
+    with pytest.raises(UserError, match=r"model.vision.depth=3 \(the run has model.vision.depth = 2\)"):
+        refuse_resume_overrides(str(run_dir), ["model.vision.depth=3"])
 
 
 def test_a_table_wide_error_names_the_table(tiny_recipe):

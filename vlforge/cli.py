@@ -114,8 +114,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vlforge.results.rundir import new_run_id, resolve_root
 
     overrides = list(args.overrides) + ([f'launch.launcher="{args.launcher}"'] if args.launcher else [])
-    if args.resume:
-        refuse_resume_overrides(overrides)
     args.overrides = overrides
     recipe, plugins = _load(args, check_resources=True)
     if recipe.sweep and (recipe.sweep.grid or recipe.sweep.points):
@@ -141,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = find_run(root, recipe.experiment, recipe.name, args.resume)
+        refuse_resume_overrides(run_dir, overrides)
         experiment, run_id = run_dir.rstrip("/").split("/")[-2:]
         job = RunJob(
             f"{run_dir}/recipe.toml",
@@ -180,15 +179,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_CODES.get(status, 1)
 
 
-def refuse_resume_overrides(overrides: list[str]) -> None:
-    """A resumed run trains what it started with: only where it runs (``launch.*``) may change."""
-    fixed = [text for text in overrides if not text.strip().startswith("launch.")]
-    if fixed:
+def refuse_resume_overrides(run_dir: str, overrides: list[str]) -> None:
+    """A resumed run trains what it started with: ``launch.*`` may change, nothing else.
+
+    An override that repeats the run's own value (the command line it started with) is
+    fine; one that would change the recipe is refused rather than silently ignored.
+    """
+    from vlforge.recipe import flatten, parse_override, read_toml
+
+    saved = flatten(read_toml(f"{run_dir}/recipe.toml").data)  # the resolved recipe: every key is there
+    changed = []
+    for text in overrides:
+        key, value = parse_override(text)
+        wanted = flatten({key: value}) if isinstance(value, dict) and value else {key: value}
+        if key.startswith("launch.") or all(saved.get(k, _ABSENT) == v for k, v in wanted.items()):
+            continue
+        has = ", ".join(f"{k} = {saved[k]!r}" if k in saved else f"no {k}" for k in wanted)
+        changed.append(f"{text.strip()} (the run has {has})")
+    if changed:
         raise UserError(
-            f"--resume continues a run with the recipe it started with; it cannot apply "
-            f"{', '.join(fixed)} (only launch.* may change on resume). Start a new run to change "
-            "anything else, e.g. with `model.init_from=<run dir>` to start from its weights"
+            f"--resume continues run {run_dir} with the recipe it started with; it cannot apply "
+            f"{'; '.join(changed)}. Only launch.* may change on resume: start a new run to change "
+            "anything else (model.init_from=<run dir> starts it from this run's weights)"
         )
+
+
+_ABSENT = object()
 
 
 def find_run(root: str, experiment: str, recipe_name: str, ref: str) -> str:
