@@ -1,10 +1,12 @@
-"""CLI start-up: wall time of `vlforge --help` and `vlforge validate`, and what they import.
+"""CLI start-up: wall time of `vlforge --help`, `show`, `validate`, and what they import.
 
     python bench/cli_startup.py [--repeat 7]
 
 Each command runs in a fresh interpreter; the median wall time is reported
 with the heavy modules (torch, timm, transformers, duckdb) it imported, which
-must be none. Writes bench/results/cli_startup.json.
+must be none, except for `validate`: its resource checks import timm (hence
+torch) to check a `timm.vit` model name and pretrained file. Writes
+bench/results/cli_startup.json.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ PROBE = (
 COMMANDS = {
     "python -c pass (interpreter)": [sys.executable, "-c", "pass"],
     "vlforge --help": [sys.executable, "-c", PROBE, "--help"],
+    "vlforge show quickstart": [sys.executable, "-c", PROBE, "show", str(REPO / "recipes/quickstart.toml")],
     "vlforge validate quickstart": [
         sys.executable,
         "-c",

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vlforge.cli import main
+from vlforge.cli import main, refuse_resume_overrides
 from vlforge.data.tokenizers import BUILTIN_NAMES, _builtin_vocabularies
 from vlforge.encoders import TimmViTConfig
 from vlforge.encoders.vision import build_timm_vit
+from vlforge.errors import UserError
 from vlforge.recipe import RecipeError, load_recipe
 
 
@@ -128,16 +129,32 @@ def test_non_utf8_recipe_names_file_and_byte_position(tiny_recipe, write, capsys
 
 
 def test_resume_refuses_overrides_it_cannot_honour(tiny_recipe, runs_root, capsys):
-    assert main(["run", str(tiny_recipe), "train.steps=2", "train.checkpoint_every=0"]) == 0
-    (status_file,) = runs_root.glob("*/*/status.json")
-    before = status_file.read_text()
-    run_id = status_file.parent.name
-    capsys.readouterr()
-    # Restating the run's own value is fine; a new lr or step count is not.
-    code = main(
-        ["run", str(tiny_recipe), "train.steps=2", "optim.lr=1e30", "train.steps=9", "--resume", run_id]
-    )
+    # A run of the recipe as `vlforge run` leaves it: its resolved recipe and an unfinished status.
+    run_dir = runs_root / "tests" / "r1"
+    run_dir.mkdir(parents=True)
+    recipe, _ = load_recipe(tiny_recipe)
+    (run_dir / "recipe.toml").write_text(recipe.to_toml())
+    status = '{"recipe_name": "tiny", "status": "interrupted", "start_time": "2026-01-01T00:00:00"}'
+    (run_dir / "status.json").write_text(status)
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+
+    code = main(["run", str(tiny_recipe), "optim.lr=1e30", "data.train_size=99", "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "cannot apply optim.lr=1e30, train.steps=9 (only launch.* may change on resume)" in err
-    assert status_file.read_text() == before  # refused before anything was written
+    assert f"--resume continues run file://{run_dir} with the recipe it started with" in err
+    assert "optim.lr=1e30 (the run has optim.lr = 0.001)" in err
+    assert "data.train_size=99 (the run has data.train_size = 512)" in err
+    assert "Only launch.* may change on resume" in err
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before  # nothing touched
+
+    # launch.* and overrides that repeat the run's own values pass.
+    refuse_resume_overrides(str(run_dir), ["launch.nproc=2", "optim.lr=1e-3", "train.steps=6"])
+    with pytest.raises(UserError, match=r"model.vision.depth=3 \(the run has model.vision.depth = 2\)"):
+        refuse_resume_overrides(str(run_dir), ["model.vision.depth=3"])
+
+
+def test_a_table_wide_error_names_the_table(tiny_recipe):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tiny_recipe, ['model.text.pretrained="/models/bert"'])
+    (problem,) = info.value.problems
+    assert problem.key == "model.text" and "give exactly one of 'pretrained'" in problem.message

@@ -148,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = find_run(root, recipe.experiment, recipe.name, args.resume)
-        refuse_resume_overrides(overrides, f"{run_dir}/recipe.toml")
+        refuse_resume_overrides(run_dir, overrides)
         from vlforge.results.rundir import take_run_lock
 
         take_run_lock(run_dir, check_only=True)  # refuse a resume of a live run before launching
@@ -196,29 +196,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_CODES.get(status, 1)
 
 
-def refuse_resume_overrides(overrides: list[str], run_recipe: str) -> None:
-    """A resumed run trains what it started with (``run_recipe``, its resolved recipe).
+def refuse_resume_overrides(run_dir: str, overrides: list[str]) -> None:
+    """A resumed run trains what it started with: ``launch.*`` may change, nothing else.
 
-    Only where it runs (``launch.*``) may change; any other override must restate the run's
-    own value (repeating the original command line is fine), or it is refused.
+    An override that repeats the run's own value (the command line it started with) is
+    fine; one that would change the recipe is refused rather than silently ignored.
     """
-    from vlforge.recipe import parse_override, read_toml, value_at
+    from vlforge.recipe import flatten, parse_override, read_toml
 
-    started_with = read_toml(run_recipe).data
-    fixed = []
+    saved = flatten(read_toml(f"{run_dir}/recipe.toml").data)  # the resolved recipe: every key is there
+    changed = []
     for text in overrides:
-        try:
-            key, value = parse_override(text)
-        except ValueError:  # not `key=value` (a deletion, say): it changes the recipe
-            key, value = text, None
-        if not key.startswith("launch.") and value_at(started_with, key) != value:
-            fixed.append(text)
-    if fixed:
+        key, value = parse_override(text)
+        wanted = flatten({key: value}) if isinstance(value, dict) and value else {key: value}
+        if key.startswith("launch.") or all(saved.get(k, _ABSENT) == v for k, v in wanted.items()):
+            continue
+        has = ", ".join(f"{k} = {saved[k]!r}" if k in saved else f"no {k}" for k in wanted)
+        changed.append(f"{text.strip()} (the run has {has})")
+    if changed:
         raise UserError(
-            f"--resume continues a run with the recipe it started with; it cannot apply "
-            f"{', '.join(fixed)} (only launch.* may change on resume). Start a new run to change "
-            "anything else, e.g. with `model.init_from=<run dir>` to start from its weights"
+            f"--resume continues run {run_dir} with the recipe it started with; it cannot apply "
+            f"{'; '.join(changed)}. Only launch.* may change on resume: start a new run to change "
+            "anything else (model.init_from=<run dir> starts it from this run's weights)"
         )
+
+
+_ABSENT = object()
 
 
 def find_run(root: str, experiment: str, recipe_name: str, ref: str) -> str:

@@ -454,7 +454,7 @@ def _problems_from(
     problems = []
     for error in exc.errors():
         loc = tuple(error["loc"])
-        key = prefix + ".".join(str(p) for p in loc)
+        key = (prefix + ".".join(str(p) for p in loc)).rstrip(".")  # a table-wide error: the table's key
         if error["type"] == "extra_forbidden":
             owner = _model_at(model, loc)
             valid = _field_names(owner) if owner else []

@@ -24,12 +24,14 @@ This module stays light (no torch import); the modules live in
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from vlforge.hookspecs import hookimpl
-from vlforge.registry import ComponentConfig, Registry
+from vlforge.registry import ComponentConfig, ConfigIssue, Registry, did_you_mean
 
 if TYPE_CHECKING:
     from vlforge.components import BuildContext
@@ -53,6 +55,9 @@ class PerceiverConfig(ComponentConfig):
     drop_prefix_tokens: bool = Field(
         True, description="resample patch tokens only (CLS dropped, OpenFlamingo)"
     )
+
+
+SHAPES_TOKENIZER = "flamingo:shapes"  # built by vlforge_plugins.flamingo.lm.load_tokenizer
 
 
 class GatedXAttnConfig(ComponentConfig):
@@ -96,6 +101,26 @@ class GatedXAttnConfig(ComponentConfig):
             if self.tokenizer is None:
                 raise ValueError("'lm_config' needs a 'tokenizer' (e.g. 'flamingo:shapes' or a local folder)")
         return self
+
+    def check_resources(self) -> Iterator[ConfigIssue]:
+        """The LM folder and the tokenizer exist (``vlforge validate``; nothing is loaded)."""
+        from vlforge.data.tokenizers import tokenizer_spec_problem
+
+        if self.lm is not None and not Path(self.lm).is_dir():
+            yield ConfigIssue("lm", f"LM folder '{self.lm}' not found")
+            if self.tokenizer is None:
+                return  # the tokenizer would come from that same folder
+        spec = self.tokenizer or self.lm or ""
+        if spec.startswith("flamingo:"):
+            valid = [SHAPES_TOKENIZER]
+            hint = did_you_mean(spec, valid)
+            problem = (
+                None if spec in valid else f"unknown Flamingo tokenizer '{spec}'{hint} (valid: {valid[0]})"
+            )
+        else:
+            problem = tokenizer_spec_problem(spec)
+        if problem:
+            yield ConfigIssue("tokenizer" if self.tokenizer else "lm", problem)
 
 
 class LMObjectiveConfig(ComponentConfig):

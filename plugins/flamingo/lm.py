@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from vlforge_plugins.flamingo import SHAPES_TOKENIZER
 from vlforge_plugins.flamingo.xattn import GatedCrossAttentionBlock, text_time
 
 from vlforge.hookspecs import hookimpl
@@ -230,7 +231,7 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
 
 def load_tokenizer(spec: str) -> Any:
     """``flamingo:shapes`` (built here), ``vlforge:<vocab>`` or a local folder, with Flamingo's tokens."""
-    if spec == "flamingo:shapes":
+    if spec == SHAPES_TOKENIZER:
         from vlforge_plugins.flamingo.data import shapes_tokenizer
 
         return prepare_tokenizer(shapes_tokenizer())
