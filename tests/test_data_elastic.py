@@ -7,6 +7,8 @@ samples seen before and after hold no duplicate, and miss only the tail an epoch
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from vlforge.data.sampler import ResumableSampler
@@ -50,3 +52,60 @@ def test_a_resumed_position_goes_back_to_full_epochs_afterwards():
     assert sampler.dealt_from == 10 and len(sampler) == 10  # (40 - 10) // 3
     sampler.set_epoch(1)
     assert sampler.dealt_from == 0 and len(sampler) == 13
+
+
+# --------------------------------------------------------------------------- sharded sources
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    """8 webdataset shards of 5 generated samples; the brace pattern naming them."""
+    from vlforge.data.pack import pack, write_shapes_folder
+
+    root = tmp_path_factory.mktemp("elastic")
+    write_shapes_folder(root / "images", 40, image_size=16)
+    pack(str(root / "images"), str(root / "shards"), shard_size=5, progress=False)
+    return f"{root}/shards/{{00000..00007}}.tar"
+
+
+def webdataset(pattern: str):
+    from vlforge import data
+    from vlforge.components import BuildContext
+
+    from .test_data_streams import FakeVision
+
+    return data.build_webdataset(
+        data.WebDatasetConfig(urls=pattern, shuffle_block=3),
+        BuildContext(recipe=None, parts={"vision": FakeVision()}),
+    )
+
+
+@pytest.mark.parametrize(("new_world", "new_workers"), [(1, 3), (3, 2)])
+def test_a_webdataset_epoch_resumed_at_another_world_size_has_no_repeat_and_no_gap(
+    shards, new_world, new_workers
+):
+    from vlforge.data.sharded import LEFTOVER, reader_items
+
+    source = webdataset(shards)
+    old = [source.train_stream(micro_batch=2, seed=4, num_workers=2, rank=r, world_size=2) for r in range(2)]
+    before = [key for stream in old for _ in range(3) for key in stream.next()["keys"]]  # 12 of 40
+    saved = [stream.state_dict() for stream in old]
+
+    after, first_batches = [], []
+    for rank in range(new_world):
+        stream = webdataset(shards).train_stream(
+            micro_batch=2, seed=4, num_workers=new_workers, rank=rank, world_size=new_world
+        )
+        stream.load_state_dict({**saved[0], "every_rank": saved})
+        assert stream.epoch == 0 and stream.resume_epoch == 1
+        for local in range(new_workers):  # every reader's leftover samples, in its order
+            reader = rank * new_workers + local
+            items = reader_items(
+                source, reader, new_world * new_workers, stream.positions[local], 4, stream.leftover[local], 1
+            )
+            in_leftover = itertools.takewhile(lambda pair: pair[0].epoch == LEFTOVER, items)
+            after += [raw["__key__"] for _, raw in in_leftover]
+        first_batches += stream.next()["keys"]  # through the DataLoader workers
+    seen = before + after
+    assert len(seen) == len(set(seen)) == 40  # the whole epoch once: no repeat, no gap
+    assert set(first_batches) <= set(after)  # the resumed streams start on the leftovers

@@ -261,9 +261,10 @@ class Trainer:
         for key, value in checkpoint["progress"].items():
             setattr(self.progress, key, value)
         same_world = checkpoint["world_size"] == self.state.world_size
-        # Another world size: rank 0's data position; a map-style stream continues its epoch in the
-        # same global order, a sharded one restarts its earliest epoch (docs/data.md).
-        self.stream.load_state_dict(checkpoint["data"][self.state.rank if same_world else 0])
+        # Another world size: rank 0's position with every rank's; the stream continues its epoch
+        # in the same global order (docs/data.md).
+        data = checkpoint["data"]
+        self.stream.load_state_dict(data[self.state.rank] if same_world else {**data[0], "every_rank": data})
         if same_world:
             set_rng_state(checkpoint["rng"][self.state.rank])
         self.plugins.call("vlforge_load_checkpoint", state=self.state, checkpoint=checkpoint)

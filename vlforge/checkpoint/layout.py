@@ -26,7 +26,7 @@ from typing import Any
 
 import fsspec
 
-from vlforge.results.rundir import to_url
+from vlforge.results.rundir import to_url, write_atomic
 
 STEP_DIR = re.compile(r"step_(\d{8})$")
 LEGACY_FILE = re.compile(r"step_(\d{8})\.pt$")
@@ -115,7 +115,7 @@ def write_rank_parts(url: str, rank: int) -> None:
     """Hash the files this rank wrote into ``parts_<rank>.json`` (rank 0 merges them at commit)."""
     fs, directory = fsspec.core.url_to_fs(url)
     parts = describe_parts(fs, directory, rank_files(fs, directory, rank))
-    fs.pipe_file(f"{directory}/parts_{rank}.json", json.dumps(parts).encode())
+    write_atomic(fs, f"{directory}/parts_{rank}.json", json.dumps(parts).encode())  # rank 0 polls it
 
 
 def commit(url: str, manifest: dict[str, Any], world_size: int, timeout_s: float = 600.0) -> str:

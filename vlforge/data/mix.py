@@ -71,8 +71,13 @@ class MixStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.taken = state["taken"]
+        every_rank = state.get("every_rank")  # another world size: each source gets every rank's too
         for name, stream in zip(self.names, self.streams):
-            stream.load_state_dict(state["sources"][name])
+            source_state = state["sources"][name]
+            if every_rank:
+                of_every_rank = [saved["sources"][name] for saved in every_rank]
+                source_state = {**source_state, "every_rank": of_every_rank}
+            stream.load_state_dict(source_state)
 
     def metrics(self) -> dict[str, float]:
         """Each source's ``data/*`` counters as ``data/<source>/*``."""

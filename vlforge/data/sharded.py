@@ -21,8 +21,15 @@ batch as the training loop *takes* it (not as workers prefetch), plus which
 reader comes next. A resumed stream restarts every reader at its recorded
 position and rotates the worker numbering so that the reader due next
 delivers first: it yields exactly the batches the uninterrupted stream would
-have. The same (world size, num_workers) is needed for that; with another
-one the stream restarts the earliest epoch in progress (and says so).
+have. The same (world size, num_workers) is needed for that.
+
+With another world size or worker count, the stream is given every saved
+rank's state: from all readers' positions it lists the units of the epochs in
+progress that no reader finished (``Leftover``: epoch, unit index, offset into
+it) and deals them out to the new readers, ``leftover[r::readers]``. A reader
+first reads its leftovers (position epoch ``LEFTOVER``, cursor = index into its
+list), then goes on with the epoch after the last one in progress. Nothing is
+repeated or skipped: positions count what the loop consumed.
 
 Bad data is skipped and counted, never silently: a sample the source cannot
 use (``BadSample``) counts as ``skipped_<kind>``, a unit that cannot be read
@@ -72,6 +79,17 @@ class Position(NamedTuple):
     epoch: int = 0
     cursor: int = 0  # units of this reader's share of the epoch already finished
     offset: int = 0  # samples of the current unit already taken, good or bad
+
+
+LEFTOVER = -1  # the position's "epoch" while a reader reads units left over by another world size
+
+
+class Leftover(NamedTuple):
+    """A unit no reader finished before a change of world size: ``units(epoch)[index]`` from ``offset``."""
+
+    epoch: int
+    index: int
+    offset: int
 
 
 class Skip(NamedTuple):
@@ -253,16 +271,48 @@ def _count_first_readable(urls: list[str], count_shard: Callable[[str], int]) ->
 
 
 def reader_items(
-    source: StreamingSource, reader: int, readers: int, start: Position, seed: int
+    source: StreamingSource,
+    reader: int,
+    readers: int,
+    start: Position,
+    seed: int,
+    leftover: Sequence[Leftover] = (),
+    resume_epoch: int = 0,
 ) -> Iterator[tuple[Position, Any]]:
-    """Endless (position after the item, raw sample or ``Skip``) of one reader, from ``start``."""
+    """Endless (position after the item, raw sample or ``Skip``) of one reader, from ``start``.
+
+    A ``start`` in the ``LEFTOVER`` phase reads ``leftover`` first, then epoch ``resume_epoch`` on.
+    """
+    for position, item, _ in _items_with_epoch(source, reader, readers, start, seed, leftover, resume_epoch):
+        yield position, item
+
+
+def _items_with_epoch(
+    source: StreamingSource,
+    reader: int,
+    readers: int,
+    start: Position,
+    seed: int,
+    leftover: Sequence[Leftover],
+    resume_epoch: int,
+) -> Iterator[tuple[Position, Any, int]]:
+    """``reader_items`` plus the epoch each item belongs to (a leftover unit's own epoch)."""
+    if start.epoch == LEFTOVER:
+        for cursor in range(start.cursor, len(leftover)):
+            item = leftover[cursor]
+            offset = max(start.offset if cursor == start.cursor else 0, item.offset)
+            unit = source.units(item.epoch, seed)[item.index]
+            for position, raw in _unit_items(source, unit, LEFTOVER, cursor, offset):
+                yield position, raw, item.epoch
+        start = Position(resume_epoch)
     epoch, cursor, offset = start
     while True:
         share = source.units(epoch, seed)[reader::readers]
         if not share:
             raise ValueError(f"reader {reader} of {readers} has no unit to read")
         for cursor in range(cursor, len(share)):  # noqa: B020 (resumes at the saved cursor)
-            yield from _unit_items(source, share[cursor], epoch, cursor, offset)
+            for position, raw in _unit_items(source, share[cursor], epoch, cursor, offset):
+                yield position, raw, epoch
             offset = 0
         epoch, cursor = epoch + 1, 0
 
@@ -305,13 +355,21 @@ def _with_last(items: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
 
 
 def reader_batches(
-    source: StreamingSource, reader: int, readers: int, start: Position, seed: int, micro_batch: int
+    source: StreamingSource,
+    reader: int,
+    readers: int,
+    start: Position,
+    seed: int,
+    micro_batch: int,
+    leftover: Sequence[Leftover] = (),
+    resume_epoch: int = 0,
 ) -> Iterator[tuple[dict[str, Any], Position, Counter[str]]]:
     """Endless (batch, position after it, counts since the previous batch) of one reader."""
     examples: list[Any] = []
     counts: Counter[str] = Counter()
     fruitless_since: int | None = None  # epoch from which no sample has been usable
-    for position, item in reader_items(source, reader, readers, start, seed):
+    items = _items_with_epoch(source, reader, readers, start, seed, leftover, resume_epoch)
+    for position, item, epoch in items:
         counts["shards"] += position.offset == 0  # a unit finished (read to its end or broken off)
         retries = take_http_retries()  # this process is this reader's alone
         if retries:
@@ -321,13 +379,13 @@ def reader_batches(
             counts[item.counter] += 1
         else:
             try:
-                example = source.decode(item, seed, position.epoch, counts)
+                example = source.decode(item, seed, epoch, counts)
             except BadSample as exc:
                 counts[f"skipped_{exc.kind}"] += 1
                 log.debug("data: sample skipped (%s): %s", exc.kind, exc)
         if example is None:
-            fruitless_since = position.epoch if fruitless_since is None else fruitless_since
-            if position.epoch >= fruitless_since + 2:
+            fruitless_since = epoch if fruitless_since is None else fruitless_since
+            if epoch >= fruitless_since + 2:
                 raise BadDataError(
                     f"data: reader {reader} of {readers} found no usable sample in a whole epoch of its "
                     f"units ({_describe(counts)}); check the URLs and the data"
@@ -355,9 +413,12 @@ class _Readers(IterableDataset):
         first: int,
         seed: int,
         micro_batch: int,
+        leftover: list[list[Leftover]],
+        resume_epoch: int,
     ) -> None:
         self.source, self.rank, self.workers, self.world_size = source, rank, workers, world_size
         self.starts, self.first, self.seed, self.micro_batch = starts, first, seed, micro_batch
+        self.leftover, self.resume_epoch = leftover, resume_epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -369,6 +430,8 @@ class _Readers(IterableDataset):
             self.starts[local],
             self.seed,
             self.micro_batch,
+            self.leftover[local],
+            self.resume_epoch,
         )
         for batch, position, counts in batches:
             yield {"batch": batch, "reader": local, "position": position, "counts": dict(counts)}
@@ -404,14 +467,18 @@ class ShardedStream:
                 f"({world_size} ranks x {self.workers} workers); use fewer train.num_workers or more shards"
             )
         self.positions = [Position()] * self.workers
+        self.leftover: list[list[Leftover]] = [[] for _ in range(self.workers)]
+        self.resume_epoch = 0  # where readers go after their leftovers
         self.next_reader = 0
         self.counts: Counter[str] = Counter()
         self._batches: Iterator[dict[str, Any]] | None = None
 
     @property
     def epoch(self) -> int:
-        """The earliest epoch any reader of this rank is in."""
-        return min(position.epoch for position in self.positions)
+        """The earliest epoch any reader of this rank is in (a leftover unit's own epoch)."""
+        epochs = [p.epoch for p in self.positions if p.epoch != LEFTOVER]
+        epochs += [item.epoch for items in self.leftover for item in items]
+        return min(epochs, default=self.resume_epoch)
 
     def batches_per_epoch(self) -> int:
         return max(1, self.source.num_samples() // (self.world_size * self.micro_batch))
@@ -437,6 +504,8 @@ class ShardedStream:
             first=self.next_reader,
             seed=self.seed,
             micro_batch=self.micro_batch,
+            leftover=self.leftover,
+            resume_epoch=self.resume_epoch,
         )
         loader = DataLoader(
             readers,
@@ -455,14 +524,25 @@ class ShardedStream:
             "positions": [list(position) for position in self.positions],
             "next_reader": self.next_reader,
             "counts": dict(self.counts),
+            "leftover": [[list(item) for item in items] for items in self.leftover],
+            "resume_epoch": self.resume_epoch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``. At another world size or worker count, ``state["every_rank"]``
+        (every saved rank's state, as the engine passes it) lets the epoch go on elastically."""
         positions = [Position(*position) for position in state["positions"]]
         self.counts = Counter(state["counts"])
         self._batches = None
         if (state["world_size"], state["workers"]) == (self.world_size, self.workers):
             self.positions, self.next_reader = positions, state["next_reader"]
+            self.leftover = [[Leftover(*item) for item in items] for items in state.get("leftover", [])]
+            self.leftover = self.leftover or [[] for _ in range(self.workers)]
+            self.resume_epoch = state.get("resume_epoch", 0)
+            return
+        every_rank = state.get("every_rank")
+        if every_rank and not any(p[0] == LEFTOVER for saved in every_rank for p in saved["positions"]):
+            self._deal_leftovers(every_rank)
             return
         epoch = min(position.epoch for position in positions)
         log.warning(
@@ -476,11 +556,45 @@ class ShardedStream:
         )
         self.positions, self.next_reader = [Position(epoch)] * self.workers, 0
 
+    def _deal_leftovers(self, every_rank: list[dict[str, Any]]) -> None:
+        """This rank's share of the units the saved readers left unfinished (see the module docs)."""
+        leftover, self.resume_epoch = unfinished_units(self.source, self.seed, every_rank)
+        readers = self.world_size * self.workers
+        self.leftover = [
+            leftover[self.rank * self.workers + local :: readers] for local in range(self.workers)
+        ]
+        self.positions, self.next_reader = [Position(LEFTOVER)] * self.workers, 0
+        # Bad-data counters go on per rank where the rank existed before.
+        self.counts = Counter(every_rank[self.rank]["counts"] if self.rank < len(every_rank) else {})
+
     def metrics(self) -> dict[str, float]:
         """``data/<counter>`` for every counter of this rank, plus ``data/skipped_fraction``."""
         metrics = {f"data/{name}": float(value) for name, value in sorted(self.counts.items())}
         metrics["data/skipped_fraction"] = skipped_fraction(self.counts)
         return metrics
+
+
+def unfinished_units(
+    source: StreamingSource, seed: int, every_rank: list[dict[str, Any]]
+) -> tuple[list[Leftover], int]:
+    """Units of the epochs in progress that no saved reader finished, and the epoch after them.
+
+    Saved reader ``rank * workers + local`` had share ``units(e)[reader::readers]``; its position
+    says how much of it is done.
+    """
+    positions = [Position(*p) for saved in every_rank for p in saved["positions"]]
+    readers = len(positions)
+    first, last = min(p.epoch for p in positions), max(p.epoch for p in positions)
+    leftover = []
+    for epoch in range(first, last + 1):
+        for index in range(len(source.units(epoch, seed))):
+            done = positions[index % readers]
+            in_share = index // readers
+            if (epoch, in_share) < (done.epoch, done.cursor):
+                continue  # finished
+            offset = done.offset if (epoch, in_share) == (done.epoch, done.cursor) else 0
+            leftover.append(Leftover(epoch, index, offset))
+    return leftover, last + 1
 
 
 # --------------------------------------------------------------------------- bad-data policy

@@ -241,8 +241,9 @@ def scan(fs: fsspec.AbstractFileSystem, root_path: str) -> dict[str, RunFiles]:
             continue
         if parts[2] in CHUNK_KINDS and len(parts) == 4 and parts[3].endswith(".jsonl"):
             run.chunks[parts[2]][path] = found[path]["size"]
-        elif parts[2] == "checkpoints":
-            # A sharded checkpoint is a directory: count it once, with the size of all its files.
+        elif parts[2] == "checkpoints" and not parts[3].endswith(TMP_SUFFIX):
+            # A sharded checkpoint is a directory: count it once, with the size of all its files
+            # (a step_X.tmp directory is a save in progress or a crashed one: not a checkpoint).
             run.checkpoints[parts[3]] = run.checkpoints.get(parts[3], 0) + (found[path]["size"] or 0)
     return runs
 
