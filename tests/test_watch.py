@@ -290,9 +290,8 @@ def test_step_timer_splits_a_step_into_data_compute_and_optimizer():
             time.sleep(0.01)
         timer.end_step()
     m = timer.read()
-    assert m["sys/data_wait_s"] == pytest.approx(0.02, abs=0.01)
-    assert m["sys/fwd_bwd_s"] == pytest.approx(0.03, abs=0.01)
-    assert m["sys/optimizer_s"] == pytest.approx(0.01, abs=0.01)
+    # At least what each phase slept (a loaded machine may wake the sleeper late).
+    assert m["sys/data_wait_s"] >= 0.02 and m["sys/fwd_bwd_s"] >= 0.03 and m["sys/optimizer_s"] >= 0.01
     parts = m["sys/data_wait_s"] + m["sys/fwd_bwd_s"] + m["sys/optimizer_s"]
     assert parts == pytest.approx(m["sys/step_s"], rel=0.10)
     assert m["sys/tokens_per_s_per_gpu"] / m["sys/samples_per_s_per_gpu"] == pytest.approx(7.0)
