@@ -26,7 +26,10 @@ def refresh_index(root: str) -> None:
     try:
         build_index(root, lock_timeout=LOCK_WAIT_S)
     except IndexLockedError:
-        print(
-            f"vlforge: note: another indexer holds {root}'s index; showing it as last published",
-            file=sys.stderr,
-        )
+        _note(f"another indexer holds {root}'s index")
+    except OSError as exc:  # a read-only runs root, say: reading must still work
+        _note(f"could not update {root}'s index ({exc})")
+
+
+def _note(problem: str) -> None:
+    print(f"vlforge: note: {problem}; showing the index as last published", file=sys.stderr)
