@@ -53,6 +53,9 @@ class PerceiverConfig(ComponentConfig):
     drop_prefix_tokens: bool = Field(
         True, description="resample patch tokens only (CLS dropped, OpenFlamingo)"
     )
+    gradient_checkpointing: bool = Field(
+        False, description="activation checkpointing of every resampler layer (recomputed in backward)"
+    )
 
 
 class GatedXAttnConfig(ComponentConfig):
