@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 if TYPE_CHECKING:
     from vlforge.launch.profiles import ClusterProfile
@@ -77,6 +76,10 @@ class SavedTensorBytes:
     @property
     def largest(self) -> int:
         return max((nbytes for nbytes, _ in self.saved.values()), default=0)
+
+    @property
+    def largest_unit(self) -> int:
+        return max(self.per_unit.values(), default=0)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
@@ -155,31 +158,29 @@ class PassProfile:
     total_flops: int
 
 
-class UpperBoundShapes(TorchDispatchMode):
-    """Gives data-dependent sizes on fake tensors their upper bound: ``nonzero`` selects everything.
+@contextlib.contextmanager
+def upper_bound_nonzero() -> Iterator[None]:
+    """Fake tensors give ``nonzero`` (and boolean indexing, built on it) its upper bound size.
 
-    Boolean indexing and ``nonzero`` (ALBEF's MLM picks its masked tokens this way) have no size
-    without values; the plan counts them as if every element were selected.
+    Without values these sizes are unknown (ALBEF's MLM picks its masked tokens this way); the
+    plan counts them as if every element were selected. torch's fake kernel for ``nonzero`` is
+    swapped for the duration (a private table: a Python dispatch mode would slow every op).
     """
+    from torch._subclasses import fake_impls
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.ops.aten.nonzero.default:
-            return _all_selected(args[0]).stack(1)
-        if func is torch.ops.aten.index.Tensor and any(
-            i is not None and i.dtype == torch.bool for i in args[1]
-        ):
-            indices = []
-            for index in args[1]:  # a (…) bool mask stands for one long index per masked dimension
-                indices += (
-                    _all_selected(index) if index is not None and index.dtype == torch.bool else [index]
-                )
-            return func(args[0], indices)
-        return func(*args, **(kwargs or {}))
+    op = torch.ops.aten.nonzero.default
+    table = fake_impls.op_implementations_dict
+    original = table[op]
 
+    def every_element(fake_mode: Any, func: Any, mask: torch.Tensor) -> torch.Tensor:
+        with fake_mode:
+            return torch.empty((mask.numel(), mask.dim()), dtype=torch.long, device=mask.device)
 
-def _all_selected(mask: torch.Tensor) -> list[torch.Tensor]:
-    """``mask.nonzero(as_tuple=True)`` if every element were True: one (numel,) index per dimension."""
-    return [torch.empty(mask.numel(), dtype=torch.long, device=mask.device) for _ in range(mask.dim())]
+    table[op] = every_element
+    try:
+        yield
+    finally:
+        table[op] = original
 
 
 @contextlib.contextmanager
@@ -190,7 +191,7 @@ def fake_model(model: nn.Module) -> Iterator[Any]:
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, UpperBoundShapes(), torch.device("cpu"):
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, upper_bound_nonzero(), torch.device("cpu"):
         fakes: dict[int, torch.Tensor] = {}
         for module in model.modules():
             for name, param in list(module._parameters.items()):
@@ -209,9 +210,9 @@ def fake_model(model: nn.Module) -> Iterator[Any]:
 
 
 def profile_pass(
-    model: VLModel, batch: dict[str, Any], precision: str, units: list[nn.Module]
+    model: VLModel, batch: dict[str, Any], precision: str, units: list[nn.Module], backward: bool = True
 ) -> PassProfile:
-    """Forward + backward of ``batch`` through ``model`` (fake tensors, training mode)."""
+    """Forward (and backward, counting FLOPs) of ``batch`` through ``model`` (fake tensors, training)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from vlforge.model import Progress
@@ -221,9 +222,12 @@ def profile_pass(
         torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     )
     saved = SavedTensorBytes(model, units)
-    with FlopCounterMode(display=False) as forward, saved, autocast:
+    counting = FlopCounterMode(display=False) if backward else contextlib.nullcontext()
+    with counting as forward, saved, autocast:
         loss, _ = model(batch, Progress(total_steps=1))
-    with FlopCounterMode(display=False) as backward:
+    if not backward:
+        return PassProfile(batch_samples(batch), saved.total, saved.largest, saved.largest_unit, {}, 0)
+    with FlopCounterMode(display=False) as backward_flops:
         loss.backward()  # recomputes checkpointed units
     counts = {name: sum(ops.values()) for name, ops in forward.get_flop_counts().items()}
     root = type(model).__name__
@@ -233,13 +237,13 @@ def profile_pass(
     )
     per_tower["heads"] = forward.get_total_flops() - sum(per_tower.values())  # objectives' own layers
     # Backward runs outside the towers' module hooks (their inputs need no grad): one total.
-    per_tower["backward"] = backward.get_total_flops()
+    per_tower["backward"] = backward_flops.get_total_flops()
     total = forward.get_total_flops() + per_tower["backward"]
     return PassProfile(
         samples=batch_samples(batch),
         activations=saved.total,
         largest=saved.largest,
-        largest_unit=max(saved.per_unit.values(), default=0),
+        largest_unit=saved.largest_unit,
         flops={k: v for k, v in per_tower.items() if v},
         total_flops=total,
     )
@@ -311,7 +315,6 @@ class Plan:
     precision: str
     memory: list[Row]
     activations_by_kind: dict[str, int]
-    activations_checkpointed: int  # every tower's gradient_checkpointing on
     gpu_memory_gb: float | None
     flops_per_sample: dict[str, dict[str, float]]  # batch kind -> tower -> FLOPs per sample
     step_flops: float  # per GPU, one optimizer step
@@ -448,14 +451,25 @@ def _build(recipe: Recipe, plugins: Plugins, world: int) -> VLModel:
 
 
 def profile_batches(
-    recipe: Recipe, plugins: Plugins, world: int, micro_batch: int, precision: str
+    model: VLModel,
+    recipe: Recipe,
+    micro_batch: int,
+    precision: str,
+    kinds: set[str] | None = None,
+    backward: bool = True,
 ) -> dict[str, PassProfile]:
-    """``{batch kind: PassProfile}`` of a fresh meta build of ``recipe`` (one pass per kind)."""
-    model = _build(recipe, plugins, world)
+    """``{batch kind: PassProfile}``, one pass per kind (or per kind in ``kinds``).
+
+    ``model`` is built on the meta device and becomes fake: it is good for planning only after.
+    """
     units = shard_units(model)
     with fake_model(model):
         batches = planned_batches(model, recipe, micro_batch)
-        return {kind: profile_pass(model, batch, precision, units) for kind, batch in batches.items()}
+        return {
+            kind: profile_pass(model, batch, precision, units, backward)
+            for kind, batch in batches.items()
+            if kinds is None or kind in kinds
+        }
 
 
 def plan_precision(recipe: Recipe, profile: ClusterProfile | None) -> str:
@@ -480,16 +494,18 @@ def make_plan(
     precision = plan_precision(recipe, profile)
     keys = [on for _, on in checkpointing_keys(recipe)]
 
-    def passes(on: bool | None) -> dict[str, PassProfile]:
-        source = recipe if on is None else with_checkpointing(recipe, on)
-        return profile_batches(source, plugins, world, micro, precision)
+    def forward_only(on: bool, kind: str) -> PassProfile:
+        """The largest batch kind again, with every tower's checkpointing ``on`` (forward suffices)."""
+        variant = with_checkpointing(recipe, on)
+        model = _build(variant, plugins, world)
+        return profile_batches(model, variant, micro, precision, {kind}, backward=False)[kind]
 
-    configured = passes(None)
-    everywhere = configured if all(keys) else passes(True)
-    nowhere = configured if not any(keys) else passes(False)
+    static = static_rows(model, recipe, world, precision)  # before the model's tensors become fake
+    configured = profile_batches(model, recipe, micro, precision)
+    largest_kind = Activations.of(configured, 0).kind
     # A checkpointed unit is recomputed in backward: its saved tensors exist again, one unit at a time.
-    unit_recompute = max(p.largest_unit for p in nowhere.values())
-    activations = Activations.of(configured, unit_recompute if any(keys) else 0)
+    recompute = forward_only(False, largest_kind).largest_unit if any(keys) else 0
+    activations = Activations.of(configured, recompute)
     counts = per_step_counts(list(configured), train.accum_steps)
     plan = Plan(
         recipe=recipe.name,
@@ -498,9 +514,8 @@ def make_plan(
         accum_steps=train.accum_steps,
         parallel=train.parallel,
         precision=precision,
-        memory=static_rows(model, recipe, world, precision) + activations.rows(checkpointing_keys(recipe)),
+        memory=static + activations.rows(checkpointing_keys(recipe)),
         activations_by_kind={kind: p.activations for kind, p in configured.items()},
-        activations_checkpointed=max(p.activations for p in everywhere.values()),
         gpu_memory_gb=profile.gpu_memory_gb if profile else None,
         flops_per_sample={
             kind: {tower: flops / p.samples for tower, flops in p.flops.items()}
@@ -513,7 +528,12 @@ def make_plan(
         measured=measured or {},
     )
     if plan.fits is False:
-        checkpointed = Activations.of(everywhere, unit_recompute)
+        if all(keys):
+            checkpointed = activations
+        else:
+            everywhere = forward_only(True, largest_kind)
+            unit = recompute or forward_only(False, largest_kind).largest_unit
+            checkpointed = replace(activations, saved=everywhere.activations, recompute=unit)
         plan.levers = find_levers(plan, recipe, model, activations, checkpointed)
     return plan
 
@@ -655,3 +675,37 @@ def smaller_micro_batch(plan: Plan, static: int, activations: Activations, usabl
         if static + activations.scaled(micro / plan.micro_batch).total <= usable:
             return accum
     return None
+
+
+# --------------------------------------------------------------------------- measured figures
+
+
+def measured_step_time(root: str, recipe: Recipe, world: int, profile: str | None) -> dict[str, float]:
+    """``{"runs", "step_time_s"}`` from the run index: the median ``train/samples_per_s`` of runs
+    of this recipe at this world size (and cluster profile); ``{}`` without an index or runs."""
+    from vlforge.errors import VlforgeError
+    from vlforge.results.queries import connect
+
+    sql = (
+        "SELECT count(DISTINCT m.run_id), median(m.value) FROM metrics m JOIN runs r USING (run_id) "
+        "WHERE m.name = 'train/samples_per_s' AND r.recipe_name = ? AND r.world_size = ?"
+    )
+    params: list[Any] = [recipe.name, world]
+    if profile:
+        sql += " AND m.run_id IN (SELECT run_id FROM configs WHERE key = 'launch.profile' AND value = ?)"
+        params.append(profile)
+    try:
+        con = connect(root, build=False)
+    except (VlforgeError, OSError):
+        return {}
+    try:
+        runs, samples_per_s = con.execute(sql, params).fetchone()
+    finally:
+        con.close()
+    if not runs or not samples_per_s:
+        return {}
+    return {
+        "runs": runs,
+        "samples_per_s": samples_per_s,
+        "step_time_s": recipe.train.batch_size / samples_per_s,
+    }
