@@ -34,7 +34,10 @@ CHECKPOINTED = {
         "model.text.gradient_checkpointing=true",
         "model.fusion.gradient_checkpointing=true",
     ],
-    "flamingo_tiny": ["model.adapter.gradient_checkpointing=true", "model.fusion.gradient_checkpointing=true"],
+    "flamingo_tiny": [
+        "model.adapter.gradient_checkpointing=true",
+        "model.fusion.gradient_checkpointing=true",
+    ],
 }
 
 
@@ -77,7 +80,9 @@ def measured_activations(recipe, plugins, plan) -> dict[str, int]:
     for _ in shapes:
         batch = stream.next()
         kind = batch.get("dataset", "train")
-        batch = padded_to({k: v for k, v in batch.items() if k in shapes[kind]} | {"dataset": kind}, shapes[kind])
+        batch = padded_to(
+            {k: v for k, v in batch.items() if k in shapes[kind]} | {"dataset": kind}, shapes[kind]
+        )
         with SavedTensorBytes(model) as saved:
             loss, _ = model(batch, Progress(total_steps=1))
         loss.backward()
@@ -107,7 +112,11 @@ def test_planned_activations_match_a_real_forward(name, overrides):
     assert set(measured) == set(plan.activations_by_kind)
     for kind, real in measured.items():
         assert real > 0
-        assert abs(plan.activations_by_kind[kind] - real) <= 0.15 * real, (kind, plan.activations_by_kind, measured)
+        assert abs(plan.activations_by_kind[kind] - real) <= 0.15 * real, (
+            kind,
+            plan.activations_by_kind,
+            measured,
+        )
 
 
 def test_checkpointing_and_masking_change_the_planned_activations():
@@ -136,7 +145,9 @@ def test_planned_parameter_gradient_and_optimizer_bytes_are_exact(name, tmp_path
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
     trainable = nbytes(p for p in params if p.requires_grad)
     assert rows["parameters, trainable"] == trainable
-    assert rows.get("parameters, frozen", 0) == nbytes(p for p in params if not p.requires_grad and id(p) not in teacher)
+    assert rows.get("parameters, frozen", 0) == nbytes(
+        p for p in params if not p.requires_grad and id(p) not in teacher
+    )
     assert rows.get("parameters, EMA teacher", 0) == nbytes(p for p in params if id(p) in teacher)
     assert rows["gradients"] == nbytes(p.grad for p in params if p.grad is not None)
     state = trainer.state.optimizer.state.values()
@@ -152,15 +163,20 @@ def test_full_scale_plans_are_quick_small_and_agree_with_the_recipe_comment(name
     script = textwrap.dedent(
         f"""
         import json, resource, subprocess, sys
-        out = subprocess.run([sys.executable, "-m", "vlforge.cli", "run", "recipes/{name}.toml", "--dry-run",
-                              "--format", "json", "--runs-root", {str(tmp_path)!r}], capture_output=True, text=True)
+        command = [sys.executable, "-m", "vlforge.cli", "run", "recipes/{name}.toml", "--dry-run",
+                   "--format", "json", "--runs-root", {str(tmp_path)!r}]
+        out = subprocess.run(command, capture_output=True, text=True)
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         print(json.dumps({{"rc": out.returncode, "stdout": out.stdout, "stderr": out.stderr[-2000:],
                            "cpu_s": usage.ru_utime + usage.ru_stime, "rss_gb": usage.ru_maxrss / 1e6}}))
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = json.loads(subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout)
+    result = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        ).stdout
+    )
     assert result["rc"] == 0, result["stderr"]
     assert result["cpu_s"] < 20, result["cpu_s"]
     assert result["rss_gb"] < 3, result["rss_gb"]
@@ -174,14 +190,26 @@ def test_full_scale_plans_are_quick_small_and_agree_with_the_recipe_comment(name
 
 def profile_file(tmp_path, gpu_memory_gb: float) -> str:
     path = tmp_path / "small.toml"
-    path.write_text(f'partition = "x"\ngpus_per_node = 1\ngpu_memory_gb = {gpu_memory_gb}\ngpu_peak_tflops = 100\n')
+    path.write_text(
+        f'partition = "x"\ngpus_per_node = 1\ngpu_memory_gb = {gpu_memory_gb}\ngpu_peak_tflops = 100\n'
+    )
     return str(path)
 
 
 def test_a_recipe_that_does_not_fit_warns_names_levers_and_is_refused_with_strict(tmp_path):
     recipe = str(REPO / "recipes" / "flip_tiny.toml")
     profile = f'launch.profile="{profile_file(tmp_path, 0.06)}"'
-    args = [sys.executable, "-m", "vlforge.cli", "run", recipe, profile, "--dry-run", "--runs-root", str(tmp_path)]
+    args = [
+        sys.executable,
+        "-m",
+        "vlforge.cli",
+        "run",
+        recipe,
+        profile,
+        "--dry-run",
+        "--runs-root",
+        str(tmp_path),
+    ]
     warned = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     assert warned.returncode == 0, warned.stderr
     assert "DOES NOT FIT" in warned.stdout and "does not fit" in warned.stderr
@@ -190,7 +218,9 @@ def test_a_recipe_that_does_not_fit_warns_names_levers_and_is_refused_with_stric
     assert re.search(r"train\.accum_steps = \d+ \(micro-batch \d+ per GPU\)\s+[\d.]+ GB\s+fits", levers)
     refused = subprocess.run([*args, "--strict"], cwd=REPO, capture_output=True, text=True)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    as_json = subprocess.run([*args, "--format", "json", "--strict"], cwd=REPO, capture_output=True, text=True)
+    as_json = subprocess.run(
+        [*args, "--format", "json", "--strict"], cwd=REPO, capture_output=True, text=True
+    )
     data = json.loads(as_json.stdout)
     assert as_json.returncode == 2 and data["fits"] is False
     assert any(lever["fits"] for lever in data["levers"])

@@ -66,6 +66,7 @@ class SavedTensorBytes:
         self.per_unit: dict[int, int] = {}  # id(unit) -> bytes first saved inside it
         self._stack: list[int] = []
         self._units = list(units)
+        self._calls: dict[tuple, tuple[nn.Module, tuple, dict]] = {}  # unit kind -> (unit, args, kwargs)
         self._handles: list[Any] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
@@ -77,10 +78,6 @@ class SavedTensorBytes:
     def largest(self) -> int:
         return max((nbytes for nbytes, _ in self.saved.values()), default=0)
 
-    @property
-    def largest_unit(self) -> int:
-        return max(self.per_unit.values(), default=0)
-
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         key = storage._cdata
@@ -91,15 +88,42 @@ class SavedTensorBytes:
                 self.per_unit[self._stack[-1]] = self.per_unit.get(self._stack[-1], 0) + nbytes
         return tensor
 
-    def _enter_unit(self, unit: nn.Module, args: Any) -> None:
+    def _enter_unit(self, unit: nn.Module, args: tuple, kwargs: dict) -> None:
         self._stack.append(id(unit))
+        kind = (type(unit), sum(p.numel() for p in unit.parameters()))
+        if torch.is_grad_enabled() and kind not in self._calls:  # one call of each kind of unit
+            self._calls[kind] = (unit, args, kwargs)
+
+    def recompute_bytes(self, model: nn.Module) -> int:
+        """Bytes the largest *checkpointed* unit saves when backward recomputes it.
+
+        A checkpointed unit saved no more than its inputs inside itself in this pass (a plain
+        block saves several times its input); each kind of them is run once more, with its
+        recorded inputs and its own checkpointing off, and counted.
+        """
+        largest = 0
+        for unit, args, kwargs in self._calls.values():
+            inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+            if self.per_unit.get(id(unit), 0) > sum(t.untyped_storage().nbytes() for t in inputs):
+                continue  # not checkpointed
+            own = getattr(unit, "gradient_checkpointing", None)  # transformers layers check their own
+            if own is not None:
+                unit.gradient_checkpointing = False
+            try:
+                with SavedTensorBytes(model) as inside:
+                    unit(*args, **kwargs)
+            finally:
+                if own is not None:
+                    unit.gradient_checkpointing = own
+            largest = max(largest, inside.total)
+        return largest
 
     def _leave_unit(self, unit: nn.Module, args: Any, output: Any) -> None:
         self._stack.pop()
 
     def __enter__(self) -> SavedTensorBytes:
         for unit in self._units:
-            self._handles.append(unit.register_forward_pre_hook(self._enter_unit))
+            self._handles.append(unit.register_forward_pre_hook(self._enter_unit, with_kwargs=True))
             self._handles.append(unit.register_forward_hook(self._leave_unit))
         self._hooks.__enter__()
         return self
@@ -153,7 +177,7 @@ class PassProfile:
     samples: int  # in the micro-batch
     activations: int  # bytes saved for backward
     largest: int  # the largest single saved storage
-    largest_unit: int  # bytes saved inside the largest shard unit (what a recompute holds)
+    recompute: int  # bytes the largest checkpointed unit saves again when backward recomputes it
     flops: dict[str, int]  # tower -> forward FLOPs; "backward": all of backward (recompute included)
     total_flops: int
 
@@ -225,8 +249,10 @@ def profile_pass(
     counting = FlopCounterMode(display=False) if backward else contextlib.nullcontext()
     with counting as forward, saved, autocast:
         loss, _ = model(batch, Progress(total_steps=1))
+    with autocast:
+        recompute = saved.recompute_bytes(model)
     if not backward:
-        return PassProfile(batch_samples(batch), saved.total, saved.largest, saved.largest_unit, {}, 0)
+        return PassProfile(batch_samples(batch), saved.total, saved.largest, recompute, {}, 0)
     with FlopCounterMode(display=False) as backward_flops:
         loss.backward()  # recomputes checkpointed units
     counts = {name: sum(ops.values()) for name, ops in forward.get_flop_counts().items()}
@@ -243,7 +269,7 @@ def profile_pass(
         samples=batch_samples(batch),
         activations=saved.total,
         largest=saved.largest,
-        largest_unit=saved.largest_unit,
+        recompute=recompute,
         flops={k: v for k, v in per_tower.items() if v},
         total_flops=total,
     )
@@ -502,10 +528,9 @@ def make_plan(
 
     static = static_rows(model, recipe, world, precision)  # before the model's tensors become fake
     configured = profile_batches(model, recipe, micro, precision)
-    largest_kind = Activations.of(configured, 0).kind
+    largest_kind = Activations.of(configured).kind
     # A checkpointed unit is recomputed in backward: its saved tensors exist again, one unit at a time.
-    recompute = forward_only(False, largest_kind).largest_unit if any(keys) else 0
-    activations = Activations.of(configured, recompute)
+    activations = Activations.of(configured)
     counts = per_step_counts(list(configured), train.accum_steps)
     plan = Plan(
         recipe=recipe.name,
@@ -532,8 +557,7 @@ def make_plan(
             checkpointed = activations
         else:
             everywhere = forward_only(True, largest_kind)
-            unit = recompute or forward_only(False, largest_kind).largest_unit
-            checkpointed = replace(activations, saved=everywhere.activations, recompute=unit)
+            checkpointed = replace(activations, saved=everywhere.activations, recompute=everywhere.recompute)
         plan.levers = find_levers(plan, recipe, model, activations, checkpointed)
     return plan
 
@@ -548,9 +572,11 @@ class Activations:
     kind: str
 
     @classmethod
-    def of(cls, profiles: dict[str, PassProfile], recompute: int) -> Activations:
-        kind = max(profiles, key=lambda k: profiles[k].activations + 2 * profiles[k].largest)
-        return cls(profiles[kind].activations, recompute, profiles[kind].largest, kind)
+    def of(cls, profiles: dict[str, PassProfile]) -> Activations:
+        """The batch kind that needs the most."""
+        total = {k: p.activations + p.recompute + 2 * p.largest for k, p in profiles.items()}
+        p = profiles[kind := max(total, key=total.get)]
+        return cls(p.activations, p.recompute, p.largest, kind)
 
     def scaled(self, factor: float) -> Activations:
         """At a micro-batch ``factor`` times as large (every activation grows with the batch)."""
