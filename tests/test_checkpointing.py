@@ -1,4 +1,4 @@
-"""``gradient_checkpointing`` on timm.vit, hf.text, albef.fusion and flamingo.perceiver: same gradients, fewer bytes."""
+"""``gradient_checkpointing`` on timm.vit, hf.text, albef.fusion, flamingo.perceiver: same gradients."""
 
 from __future__ import annotations
 
