@@ -45,7 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         help="continue a run: its id, its directory, or (no value) the latest unfinished run of this recipe",
     )
-    run.add_argument("--dry-run", action="store_true", help="build on the meta device and print the plan")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build on the meta device and print the plan: memory per GPU, FLOPs, time, GPU-hours",
+    )
+    run.add_argument(
+        "--format", choices=["table", "json"], default="table", help="--dry-run: the plan as a table or JSON"
+    )
+    run.add_argument(
+        "--strict", action="store_true", help="refuse (exit 2) a recipe whose plan does not fit in GPU memory"
+    )
     run.add_argument("--launcher", choices=["local", "slurm"], help="override launch.launcher")
     run.add_argument(
         "--follow", action="store_true", help="Slurm: after submitting, show the run's log until it ends"
@@ -143,7 +153,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             ensure_fits(plan, args.recipe)  # against the cluster, when sinfo answers
     if args.dry_run:
-        return dry_run(recipe, plugins, plan)
+        return dry_run(recipe, plugins, plan, root, fmt=args.format, strict=args.strict)
+    if args.strict:
+        check_plan_fits(recipe, plugins, plan)
     from vlforge.launch.worker import EXIT_CODES, RunJob
 
     if args.resume:
@@ -265,15 +277,61 @@ def _print_run_summary(root: str, run_id: str, status: str, step: int | None = N
         print(f"vlforge: could not read the index ({exc})")
 
 
-def dry_run(recipe, plugins, slurm_plan=None) -> int:
-    """Build the model on the meta device and print sizes and the launch plan."""
-    from vlforge.components import BuildContext
-    from vlforge.model import build_model, parameter_counts
+def planned_world(recipe, slurm_plan=None) -> int:
+    return slurm_plan.world_size if slurm_plan else recipe.launch.processes_per_node * recipe.launch.nodes
 
-    world = slurm_plan.world_size if slurm_plan else recipe.launch.processes_per_node * recipe.launch.nodes
-    ctx = BuildContext(recipe, world_size=world, device="meta", meta=True)
-    model = build_model(recipe, plugins, ctx)
+
+def plan_profile(recipe, slurm_plan=None):
+    """The cluster profile the plan compares against: the Slurm plan's, or ``launch.profile``'s."""
+    if slurm_plan is not None:
+        return slurm_plan.profile
+    if not recipe.launch.profile:
+        return None
+    from vlforge.launch.profiles import find_profile, load_profile, unknown_profile
+
+    path = find_profile(recipe.launch.profile)
+    if path is None:
+        raise UserError(f"launch.profile: {unknown_profile(recipe.launch.profile)}")
+    return load_profile(path)
+
+
+def build_plan(recipe, plugins, slurm_plan=None, root: str | None = None):
+    """The meta-built model and its memory/time plan at the planned world size."""
+    from vlforge.components import BuildContext
+    from vlforge.model import build_model
+    from vlforge.plan import make_plan, measured_step_time
+
+    world = planned_world(recipe, slurm_plan)
+    profile = plan_profile(recipe, slurm_plan)
+    model = build_model(recipe, plugins, BuildContext(recipe, world_size=world, device="meta", meta=True))
+    measured = measured_step_time(root, recipe, world, recipe.launch.profile) if root else {}
+    return model, make_plan(recipe, plugins, model, world, profile, measured)
+
+
+def check_plan_fits(recipe, plugins, slurm_plan=None) -> None:
+    """``--strict``: refuse a recipe whose plan does not fit in the profile's GPU memory."""
+    from vlforge.plan import format_plan
+
+    _, plan = build_plan(recipe, plugins, slurm_plan)
+    if plan.fits is False:
+        raise UserError(f"{recipe.name} does not fit in GPU memory (--strict):\n{format_plan(plan)}")
+
+
+def dry_run(recipe, plugins, slurm_plan=None, root=None, fmt: str = "table", strict: bool = False) -> int:
+    """Build the model on the meta device and print sizes, the memory and time plan, the launch plan."""
+    import json
+
+    from vlforge.model import parameter_counts
+    from vlforge.plan import format_plan
+
+    world = planned_world(recipe, slurm_plan)
+    model, plan = build_plan(recipe, plugins, slurm_plan, root)
     counts = parameter_counts(model)
+    fits = plan.fits is not False or not strict
+    if fmt == "json":
+        data = {"parameters": {part: {"total": n, "trainable": t} for part, (n, t) in counts.items()}}
+        print(json.dumps(data | plan.to_dict(), indent=2))
+        return 0 if fits else 2
     total = sum(t for t, _ in counts.values())
     trainable = sum(t for _, t in counts.values())
     print(f"recipe {recipe.name} (experiment {recipe.experiment})")
@@ -282,6 +340,15 @@ def dry_run(recipe, plugins, slurm_plan=None) -> int:
     print(f"  {'total':<12} {total / 1e6:10.2f}M parameters ({trainable / 1e6:.2f}M trainable)")
     train = recipe.train
     print(f"steps {train.steps} ({train.steps * train.batch_size:,} samples), precision {train.precision}")
+    print(format_plan(plan))
+    if plan.fits is False:
+        verb = "refused (--strict)" if strict else "warning"
+        print(
+            f"vlforge: {verb}: {recipe.name} does not fit in {plan.gpu_memory_gb:g} GB per GPU",
+            file=sys.stderr,
+        )
+    if not fits:
+        return 2
     if slurm_plan is not None:
         from vlforge.launch.slurm import print_dry_run
 

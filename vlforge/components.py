@@ -147,6 +147,19 @@ class PretrainedLike(Protocol):
     def pretrained_parameters(self) -> list[str]: ...
 
 
+@runtime_checkable
+class PlanBatchesLike(Protocol):
+    """Any model part may say what training micro-batches look like, for the ``--dry-run`` plan.
+
+    ``plan_batches(model, recipe, micro_batch)`` returns ``{kind: batch}``: the largest batch of
+    each kind the data produces (a mix's datasets), made with torch factory functions (the plan
+    runs them on fake tensors: shapes matter, values do not). Without one the plan uses images at
+    the vision tower's input size and texts at the text tower's ``max_length`` (docs/plan.md).
+    """
+
+    def plan_batches(self, model: VLModel, recipe: Recipe, micro_batch: int) -> dict[str, dict[str, Any]]: ...
+
+
 @dataclass
 class BuildContext:
     """What a factory may use to build its component.

@@ -165,7 +165,8 @@ class LaunchSection(Section):
     # (1 on CPU-only profiles).
     nproc: int | None = Field(None, gt=0)
     nodes: int = Field(1, gt=0)
-    # Slurm only (docs/slurm.md): a cluster profile (name under slurm/profiles/, or a path),
+    # Slurm only (docs/slurm.md): a cluster profile (name under slurm/profiles/, or a path; with any
+    # launcher also the GPU memory and peak FLOP/s the --dry-run plan compares with, docs/plan.md),
     # a time limit overriding the profile's ("HH:MM:SS", "D-HH:MM:SS" or minutes), and how
     # often a preempted or timed-out run may requeue itself before it stays `preempted`.
     profile: str | None = None

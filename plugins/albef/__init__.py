@@ -50,6 +50,9 @@ class FusionConfig(ComponentConfig):
         True,
         description="build BERT's MLM head (albef.mlm needs it; without MLM, DDP refuses unused weights)",
     )
+    gradient_checkpointing: bool = Field(
+        False, description="activation checkpointing of every fusion layer (recomputed in backward)"
+    )
 
 
 class DistillConfig(ComponentConfig):
@@ -158,7 +161,9 @@ def build_fusion(config: FusionConfig, ctx: BuildContext) -> Any:
     layers = list(text.removed_layers)
     text.removed_layers.clear()  # they belong to the fusion module now
     with _on_meta(ctx):
-        fusion = BertFusion(layers, vision.width, text.model.config, config.mlm_head)
+        fusion = BertFusion(
+            layers, vision.width, text.model.config, config.mlm_head, config.gradient_checkpointing
+        )
     pretrained = getattr(ctx.recipe.model.text.config, "pretrained", None) if ctx.recipe else None
     if pretrained and not ctx.meta:
         fusion.load_mlm_head(pretrained)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 MLM_HEAD_PREFIX = "cls.predictions."
@@ -124,10 +125,16 @@ class BertFusion(nn.Module):
     """Fusion layers over text tokens and image tokens, plus the MLM head."""
 
     def __init__(
-        self, bert_layers: list[nn.Module], image_width: int, config: Any, mlm_head: bool = True
+        self,
+        bert_layers: list[nn.Module],
+        image_width: int,
+        config: Any,
+        mlm_head: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.width = config.hidden_size
+        self.gradient_checkpointing = gradient_checkpointing
         self.layers = nn.ModuleList(FusionLayer(layer, image_width, config) for layer in bert_layers)
         self.mlm_transform: nn.Module | None = None
         self.mlm_bias: nn.Parameter | None = None
@@ -142,8 +149,12 @@ class BertFusion(nn.Module):
         """text_tokens (B,L,D), attention_mask (B,L) 1 = real token, image_tokens (B,T,Dv) -> (B,L,D)."""
         text_mask = attention_mask[:, None, None, :].bool()  # (B,1,1,L)
         x = text_tokens
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, text_mask, image_tokens)
+            if recompute:
+                x = checkpoint(layer, x, text_mask, image_tokens, use_reentrant=False)
+            else:
+                x = layer(x, text_mask, image_tokens)
         return x
 
     def mlm_logits(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,9 @@ class PerceiverConfig(ComponentConfig):
     drop_prefix_tokens: bool = Field(
         True, description="resample patch tokens only (CLS dropped, OpenFlamingo)"
     )
+    gradient_checkpointing: bool = Field(
+        False, description="activation checkpointing of every resampler layer (recomputed in backward)"
+    )
 
 
 SHAPES_TOKENIZER = "flamingo:shapes"  # built by vlforge_plugins.flamingo.lm.load_tokenizer

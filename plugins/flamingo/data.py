@@ -230,6 +230,30 @@ def make_document_collate(ctx: BuildContext) -> FlamingoCollator:
     return FlamingoCollator(_fusion_tokenizer(ctx), max_length=DOCUMENT_MAX_TOKENS, interleaved=True)
 
 
+def planned_sequences(data: Any, micro_batch: int) -> dict[str, tuple[int, int, int]]:
+    """``{dataset: (sequences, images, tokens)}``: the largest micro-batch each source of ``data`` makes.
+
+    ``data`` is the recipe's ``[data]`` table (a ``mix`` of sources, or one source); a source's
+    own ``micro_batch`` wins over the run's. Document sources (``interleaved`` and generated
+    documents) hold up to ``max_images``, pairs one image.
+    """
+    if data.type == "mix":
+        tables = {name: (table.type, table.model_extra or {}) for name, table in data.config.sources.items()}
+    else:
+        tables = {"train": (data.type, data.options)}
+    planned = {}
+    for name, (kind, options) in tables.items():
+        samples = options.get("micro_batch") or micro_batch
+        if kind == "flamingo.shapes":
+            images = options.get("max_images", 3) if options.get("kind") == "interleaved" else 1
+            planned[name] = (samples, images, options.get("max_length", 64))
+        elif kind == "interleaved":
+            planned[name] = (samples, options.get("max_images", 6), DOCUMENT_MAX_TOKENS)
+        else:  # image-text pairs (webdataset, captions) through make_pair_collate
+            planned[name] = (samples, 1, PAIR_MAX_TOKENS)
+    return planned
+
+
 # --------------------------------------------------------------------------- generated data
 
 

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from vlforge_plugins.flamingo import SHAPES_TOKENIZER
 from vlforge_plugins.flamingo.xattn import GatedCrossAttentionBlock, text_time
 
+from vlforge.encoders.text import enable_checkpointing
 from vlforge.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -207,11 +208,7 @@ def enable_lm_checkpointing(lm: nn.Module, layers: nn.ModuleList) -> None:
             f"flamingo: gradient_checkpointing needs a transformers version that checkpoints "
             f"{type(layers[0]).__name__}.forward (module hooks outside the checkpoint); upgrade transformers"
         )
-    kwargs = {"use_reentrant": False}
-    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_checkpointing(lm)
 
 
 # --------------------------------------------------------------------------- building

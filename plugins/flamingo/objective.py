@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vlforge_plugins.flamingo.data import IGNORE
+from vlforge_plugins.flamingo.data import IGNORE, planned_sequences
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,3 +52,17 @@ class FlamingoObjective(nn.Module):
                 f"({', '.join(self.dataset_weights)})"
             )
         return {name: self.dataset_weights[name] * len(self.dataset_weights) * loss}
+
+    def plan_batches(self, model: Any, recipe: Any, micro_batch: int) -> dict[str, dict[str, Any]]:
+        """``PlanBatchesLike``: the largest micro-batch of every dataset (images per sequence, tokens)."""
+        image_shape = model.vision.data_config["input_size"]
+        batches = {}
+        for name, (samples, images, tokens) in planned_sequences(recipe.data, micro_batch).items():
+            batches[name] = {
+                "images": torch.zeros(samples, images, *image_shape),
+                "input_ids": torch.zeros(samples, tokens, dtype=torch.long),
+                "attention_mask": torch.ones(samples, tokens, dtype=torch.long),
+                "labels": torch.zeros(samples, tokens, dtype=torch.long),
+                "dataset": name,
+            }
+        return batches

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlforge.hookspecs import hookimpl
 
@@ -69,6 +70,13 @@ class PerceiverAttention(nn.Module):
         return self.to_out(merge_heads(out))
 
 
+def resampler_layer(layer: nn.ModuleList, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """One resampler layer: media (B,T,M,d), latents (B,T,n,d) -> latents (B,T,n,d)."""
+    attention, feed_forward = layer
+    latents = latents + attention(media, latents)
+    return latents + feed_forward(latents)
+
+
 class PerceiverResampler(nn.Module):
     """(B,T,F,v,d) visual tokens -> (B,T,n,d) latents per medium.
 
@@ -87,9 +95,11 @@ class PerceiverResampler(nn.Module):
         ff_mult: int = 4,
         max_media: int = 0,
         max_frames: int = 0,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.width = dim
+        self.gradient_checkpointing = gradient_checkpointing
         self.num_latents = num_latents
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.frame_embed = nn.Parameter(torch.randn(max_frames, dim)) if max_frames else None
@@ -109,9 +119,12 @@ class PerceiverResampler(nn.Module):
         if self.media_time_embed is not None:
             media = media + self.media_time_embed[:num_media]  # (T,1,d)
         latents = self.latents.expand(batch, num_media, -1, -1)  # (B,T,n,d)
-        for attention, feed_forward in self.layers:
-            latents = latents + attention(media, latents)
-            latents = latents + feed_forward(latents)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if recompute:
+                latents = checkpoint(resampler_layer, layer, media, latents, use_reentrant=False)
+            else:
+                latents = resampler_layer(layer, media, latents)
         return self.norm(latents)
 
 

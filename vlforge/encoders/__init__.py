@@ -65,6 +65,9 @@ class TimmViTConfig(ComponentConfig):
     timm_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="other timm constructor arguments, e.g. {drop_path_rate = 0.1}"
     )
+    gradient_checkpointing: bool = Field(
+        False, description="activation checkpointing of every block (recomputed in backward, training only)"
+    )
 
     @field_validator("timm_kwargs")
     @classmethod
@@ -123,6 +126,9 @@ class HFTextConfig(ComponentConfig):
         gt=0,
         description="run only the first N transformer layers (default: all); the removed layers are "
         "offered to a fusion module that continues from them (ALBEF's text/fusion split of one BERT)",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="activation checkpointing of every layer (transformers' own, training only)"
     )
 
     @model_validator(mode="after")

@@ -102,7 +102,18 @@ def build_hf_text(config: HFTextConfig, meta: bool = False) -> HFText:
                 f"hf.text: the tokenizer has {len(tokenizer)} tokens, the model's vocabulary {vocab}"
             )
         removed = keep_first_layers(model, config.num_layers) if config.num_layers else []
+        if config.gradient_checkpointing:
+            enable_checkpointing(model)
         return HFText(model, tokenizer, config.max_length, config.pool, config.embed_dim, removed)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing of every layer, non-reentrant (active in training only)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _hf_config(config: HFTextConfig, tokenizer: Any) -> Any:

@@ -55,7 +55,7 @@ class TimmViT(nn.Module):
     def blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,T,D) -> (B,T,D): the transformer blocks and the final norm."""
         if self.vit.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint_seq(self.vit.blocks, tokens)
+            x = checkpoint_seq(self.vit.blocks, tokens, use_reentrant=False)
         else:
             x = self.vit.blocks(tokens)
         return self.vit.norm(x)
@@ -91,6 +91,7 @@ def build_timm_vit(config: TimmViTConfig, meta: bool = False) -> TimmViT:
             load_timm_weights(vit, config.pretrained)
         if config.pos_embed == "sincos":
             use_sincos_pos_embed(vit)
+        vit.set_grad_checkpointing(config.gradient_checkpointing)
         return TimmViT(vit, config.embed_dim)
 
 

@@ -86,6 +86,11 @@ class ClusterProfile(BaseModel):
     srun_args: list[str] = Field(default_factory=list)
     python: str | None = None  # interpreter on the nodes; default: the submitting one
     log_dir: str | None = None  # shared folder for Slurm logs; default <runs root>/.slurm/logs
+    # The hardware `--dry-run` plans against (docs/plan.md): memory per GPU, its dense bf16 peak
+    # (A100: 312 TFLOP/s) and the model FLOPs utilisation a step is assumed to reach.
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    gpu_peak_tflops: float | None = Field(None, gt=0)
+    mfu: float = Field(0.4, gt=0, le=1)
     _path: str = PrivateAttr("")
 
     @field_validator("time_limit")
