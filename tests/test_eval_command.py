@@ -38,6 +38,9 @@ def test_eval_of_a_run_repeats_its_final_numbers_and_adds_earlier_steps(tiny_rec
     assert evals(runs_root) == final  # same numbers (same rows: same step, evaluator and metric)
     assert len(list((run_dir / "evals").glob("*.jsonl"))) == chunks + 2  # one per evaluator
 
+    assert main(["eval", run_id, "launch.nproc=2"]) == 0  # two gloo ranks, each its share
+    assert evals(runs_root) == final
+
     (step_3, url), _ = ckpt.list_checkpoints(str(run_dir))
     assert step_3 == 3
     assert main(["eval", url, "--evaluator", "zeroshot"]) == 0
