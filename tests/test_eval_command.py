@@ -38,6 +38,9 @@ def test_eval_of_a_run_repeats_its_final_numbers_and_adds_earlier_steps(tiny_rec
     assert evals(runs_root) == final  # same numbers (same rows: same step, evaluator and metric)
     assert len(list((run_dir / "evals").glob("*.jsonl"))) == chunks + 2  # one per evaluator
 
+    assert main(["eval", run_id, "launch.nproc=2"]) == 0  # two gloo ranks, each its share
+    assert evals(runs_root) == final
+
     (step_3, url), _ = ckpt.list_checkpoints(str(run_dir))
     assert step_3 == 3
     assert main(["eval", url, "--evaluator", "zeroshot"]) == 0
@@ -79,3 +82,16 @@ def test_eval_errors_are_clear(tiny_recipe, runs_root, tmp_path, capsys):
     assert "is not inside a run: give --recipe" in capsys.readouterr().err
     assert main(["eval", "no-such-run"]) == 2
     assert "no run 'no-such-run'" in capsys.readouterr().err
+
+
+def test_the_final_checkpoint_is_written_before_a_failing_final_evaluation(
+    tiny_recipe, runs_root, tmp_path, capsys
+):
+    names = tmp_path / "two_colours.txt"
+    names.write_text("red\ngreen\n")  # 8 colours in the data: the evaluator fails after training
+    failing = [*ZEROSHOT, f'evaluators.zeroshot.class_names="{names}"', "train.checkpoint_every=0"]
+    assert main(["run", str(tiny_recipe), *failing]) != 0
+    assert "only 2 class names" in capsys.readouterr().err
+    (run_dir,) = runs_root.glob("*/*/status.json")
+    assert [step for step, _ in ckpt.list_checkpoints(str(run_dir.parent))] == [6]
+    assert json.loads(run_dir.read_text())["status"] == "failed"
