@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from vlforge.errors import VlforgeError
+from vlforge.paths import RecipePath
 from vlforge.registry import Registry, RegistryError, did_you_mean
 
 COMMAND_LINE = "command line"
@@ -91,8 +92,9 @@ class ModelSection(Section):
     fusion: ComponentTable | None = None
     # A checkpoint file or a run directory (its latest checkpoint): a fresh run starts from
     # those model weights (fine-tuning, FLIP's unmasked tuning); optimizer, schedule and data
-    # start anew. A resumed run restores its own checkpoint instead.
-    init_from: str | None = None
+    # start anew. A resumed run restores its own checkpoint instead. Also an open_clip
+    # checkpoint or a Hugging Face CLIP folder (vlforge.weights, docs/weights.md).
+    init_from: RecipePath | None = None
 
 
 class OptimSection(Section):
@@ -308,6 +310,8 @@ def read_toml(path: str | Path, _chain: tuple[str, ...] = ()) -> RawRecipe:
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(shown, [Problem("", f"invalid TOML: {exc}", shown)]) from None
     base_name = data.pop("extends", None)
+    deletions = _pop_deletions(data, shown, extends=base_name is not None)
+    replaced = _pop_replace_markers(data, shown)
     own = RawRecipe(data, _leaf_sources(data, shown), shown)
     if base_name is None:
         return own
@@ -317,7 +321,80 @@ def read_toml(path: str | Path, _chain: tuple[str, ...] = ()) -> RawRecipe:
     if _read_text(base_path) is None:
         raise RecipeError(shown, [Problem("extends", f"base recipe '{base_path}' not found", shown)])
     base = read_toml(base_path, (*_chain, identity))
-    return RawRecipe(deep_merge(base.data, data), {**base.sources, **own.sources}, shown)
+    return inherit(base, own, deletions, replaced)
+
+
+# --------------------------------------------------------------------------- deleting and replacing
+# An extending recipe lists inherited keys to drop in ``delete = ["data.urls"]`` and marks a table
+# that replaces the inherited one (instead of merging into it) with ``__replace__ = true``; on the
+# command line ``~data.urls`` deletes and ``data={type="captions", ...}`` replaces (docs/recipes.md).
+
+DELETE_KEY = "delete"
+REPLACE_MARKER = "__replace__"
+
+
+def _pop_deletions(data: dict[str, Any], shown: str, extends: bool) -> list[str]:
+    """The ``delete = [...]`` list of a recipe file, checked and removed from ``data``."""
+    if DELETE_KEY not in data:
+        return []
+    deletions = data.pop(DELETE_KEY)
+    if isinstance(deletions, str):
+        deletions = [deletions]
+    if not isinstance(deletions, list) or not all(isinstance(k, str) and k for k in deletions):
+        message = 'must be a list of dotted inherited keys, e.g. ["data.urls"]'
+        raise RecipeError(shown, [Problem(DELETE_KEY, message, shown)])
+    if not extends:
+        message = "deletes inherited keys, but this recipe extends nothing"
+        raise RecipeError(shown, [Problem(DELETE_KEY, message, shown)])
+    return deletions
+
+
+def _pop_replace_markers(data: dict[str, Any], shown: str, prefix: str = "") -> list[str]:
+    """Dotted keys of the tables marked ``__replace__ = true``; the markers are removed."""
+    replaced = []
+    if REPLACE_MARKER in data:
+        marker = data.pop(REPLACE_MARKER)
+        if marker is not True:
+            key = f"{prefix}{REPLACE_MARKER}"
+            raise RecipeError(shown, [Problem(key, f"must be true (got {marker!r})", shown)])
+        replaced.append(prefix.rstrip("."))
+    for key, value in data.items():
+        if isinstance(value, dict):
+            replaced += _pop_replace_markers(value, shown, f"{prefix}{key}.")
+    return replaced
+
+
+def delete_key(raw: RawRecipe, key: str) -> bool:
+    """Remove ``key`` (dotted) and the sources of everything under it; False if it is not set."""
+    *parents, leaf = key.split(".")
+    node: Any = raw.data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or leaf not in node:
+        return False
+    del node[leaf]
+    for dotted in [k for k in raw.sources if k == key or k.startswith(f"{key}.")]:
+        del raw.sources[dotted]
+    return True
+
+
+def inherit(base: RawRecipe, own: RawRecipe, deletions: list[str], replaced: list[str]) -> RawRecipe:
+    """``own`` over ``base``: listed keys deleted, marked tables replaced, the rest deep-merged."""
+    missing = [key for key in deletions if not delete_key(base, key)]
+    if missing:
+        inherited = ", ".join(sorted(k for k in base.sources if "." not in k))
+        raise RecipeError(
+            own.path,
+            [
+                Problem(
+                    DELETE_KEY, f"'{key}' is not set by the base recipe (its tables: {inherited})", own.path
+                )
+                for key in missing
+            ],
+        )
+    for key in replaced:
+        delete_key(base, key)
+    return RawRecipe(deep_merge(base.data, own.data), {**base.sources, **own.sources}, own.path)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -335,6 +412,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 def apply_overrides(raw: RawRecipe, overrides: list[str]) -> None:
     problems = []
     for text in overrides:
+        if text.startswith("~"):  # ~a.b: delete an inherited key
+            if not delete_key(raw, text[1:]):
+                problems.append(Problem(text[1:], "cannot delete: no recipe sets this key", COMMAND_LINE))
+            continue
         try:
             key, value = parse_override(text)
         except ValueError as exc:
@@ -349,8 +430,11 @@ def apply_overrides(raw: RawRecipe, overrides: list[str]) -> None:
                 break
             node = child
         else:
+            delete_key(raw, key)  # a table given on the command line replaces the inherited one
             node[leaf] = value
-            raw.sources[key] = COMMAND_LINE
+            raw.sources.update(
+                _leaf_sources({leaf: value}, COMMAND_LINE, key.rpartition(".")[0] + "." if parents else "")
+            )
     if problems:
         raise RecipeError(raw.path, problems)
 
@@ -441,8 +525,9 @@ def load_recipe(
     component tables, and hands the plugin manager back for building the run.
     """
     from vlforge.plugins import PluginError, load_plugins
+    from vlforge.resources import find_recipe
 
-    raw = read_toml(path)
+    raw = read_toml(find_recipe(str(path)))
     apply_overrides(raw, list(overrides))
     recipe = parse_recipe(raw)
     try:
@@ -450,10 +535,25 @@ def load_recipe(
     except (PluginError, RegistryError) as exc:
         raise RecipeError(raw.path, [Problem("plugins", str(exc), raw.source_of("plugins"))]) from None
     problems = validate_components(recipe, plugins.registry, raw)
+    resolve_recipe_paths(recipe, raw)
     problems += check_consistency(recipe, raw)
     if problems:
         raise RecipeError(raw.path, problems)
     return recipe, plugins
+
+
+def resolve_recipe_paths(recipe: Recipe, raw: RawRecipe) -> None:
+    """Every ``RecipePath`` value, static or in a component, relative to the file that set it."""
+    from vlforge.paths import resolve_model_paths
+
+    def folder_of(key: str) -> str | None:
+        source = raw.source_of(key)
+        return None if source == COMMAND_LINE else _sibling(source, "").rstrip("/") or "."
+
+    resolve_model_paths(recipe, "", folder_of)
+    for key, _, table in recipe.component_tables():
+        if table._config is not None:
+            resolve_model_paths(table._config, f"{key}.", folder_of)
 
 
 def check_consistency(recipe: Recipe, raw: RawRecipe) -> list[Problem]:

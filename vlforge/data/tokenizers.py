@@ -5,6 +5,8 @@
 * ``"vlforge:<vocab>"``: a word-level tokenizer built in memory from one of
   the built-in vocabularies (``vlforge:shapes`` for the generated dataset).
   Nothing is downloaded; the same spec always gives the same ids.
+* ``"vlforge:<name>"``: a tokenizer shipped with vlforge (``vlforge/tokenizers/<name>``,
+  e.g. ``vlforge:bert-base-uncased``), found wherever vlforge is installed.
 * anything else: a local folder holding tokenizer files, loaded by
   ``transformers.AutoTokenizer`` with ``local_files_only=True``.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 from functools import cache
 from typing import Any
+
+from vlforge.resources import shipped_folder, shipped_tokenizer
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -52,9 +56,13 @@ def load_tokenizer(spec: str) -> Any:
     if spec.startswith("vlforge:"):
         name = spec.removeprefix("vlforge:")
         vocabularies = _builtin_vocabularies()
-        if name not in vocabularies:
-            raise ValueError(f"unknown built-in tokenizer '{spec}' (valid: {', '.join(vocabularies)})")
-        return word_level_tokenizer(vocabularies[name])
+        if name in vocabularies:
+            return word_level_tokenizer(vocabularies[name])
+        folder = shipped_tokenizer(name)
+        if folder is None:
+            valid = ", ".join([*vocabularies, *(p.name for p in shipped_folder("tokenizers").iterdir())])
+            raise ValueError(f"unknown built-in tokenizer '{spec}' (valid: {valid})")
+        spec = str(folder)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(spec, local_files_only=True)
