@@ -61,6 +61,16 @@ def load_checkpoint(url: str) -> dict[str, Any]:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
 
 
+def read_model_state(source: str) -> dict[str, torch.Tensor]:
+    """The full model state dict of a checkpoint file or a run directory's latest checkpoint (CPU)."""
+    from vlforge.errors import UserError
+
+    url = source if source.endswith(".pt") else latest_checkpoint(source)
+    if url is None:
+        raise UserError(f"no checkpoint in {source}")
+    return load_checkpoint(url)["model"]
+
+
 def load_model_weights(model: torch.nn.Module, source: str) -> None:
     """Load the model weights of a checkpoint file, or of a run directory's latest checkpoint.
 
@@ -68,10 +78,11 @@ def load_model_weights(model: torch.nn.Module, source: str) -> None:
     """
     from vlforge.errors import UserError
 
-    url = source if source.endswith(".pt") else latest_checkpoint(source)
-    if url is None:
-        raise UserError(f"model.init_from: no checkpoint in {source}")
     try:
-        model.load_state_dict(load_checkpoint(url)["model"])
+        state = read_model_state(source)
+    except UserError as exc:
+        raise UserError(f"model.init_from: {exc}") from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as exc:  # missing, unexpected or differently shaped tensors
-        raise UserError(f"model.init_from: {url} does not fit this model: {exc}") from None
+        raise UserError(f"model.init_from: {source} does not fit this model: {exc}") from None

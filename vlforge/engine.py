@@ -33,6 +33,7 @@ from vlforge.errors import RunFailed
 from vlforge.model import Progress, VLModel, build_component, build_model
 from vlforge.plugins import Plugins
 from vlforge.recipe import OptimSection, Recipe, ScheduleSection
+from vlforge.weights import load_init_weights
 
 STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR2: "preempted"}
 
@@ -313,7 +314,7 @@ class Trainer:
         """Train to ``train.steps`` (or until stopped); returns the final run status."""
         train = self.recipe.train
         if self.progress.step == 0 and self.recipe.model.init_from:
-            ckpt.load_model_weights(self.model, self.recipe.model.init_from)
+            load_init_weights(self.model, self.recipe.model.init_from)
         self.plugins.call("vlforge_run_start", state=self.state)
         status = "completed"
         bar = self._progress_bar()

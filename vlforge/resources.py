@@ -8,7 +8,11 @@ In a checkout they live in the repository (``recipes/``, ``slurm/profiles/``,
 
 from __future__ import annotations
 
+import argparse
+import shutil
 from pathlib import Path
+
+from vlforge.errors import UserError
 
 PACKAGE = Path(__file__).resolve().parent
 _CHECKOUT = PACKAGE.parent
@@ -47,3 +51,69 @@ def find_recipe(spec: str) -> str:
         return spec
     shipped = shipped_recipes().get(spec.removesuffix(".toml"))
     return str(shipped) if shipped and "/" not in spec else spec
+
+
+# --------------------------------------------------------------------------- `vlforge recipes`
+
+
+def _description(path: Path) -> str:
+    import tomllib
+
+    try:
+        return str(tomllib.loads(path.read_text()).get("description", ""))
+    except (OSError, tomllib.TOMLDecodeError):
+        return ""
+
+
+def _bases(path: Path) -> list[Path]:
+    """The recipe files ``path`` extends, nearest first."""
+    import tomllib
+
+    chain = []
+    while (base := tomllib.loads(path.read_text()).get("extends")) and isinstance(base, str):
+        path = path.parent / base
+        chain.append(path)
+    return chain
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    recipes = shipped_recipes()
+    if args.action is None:
+        width = max(map(len, recipes), default=0)
+        for name, path in recipes.items():
+            print(f"{name:<{width}}  {_description(path)}")
+        print(f"({len(recipes)} recipes in {shipped_folder('recipes')}; `vlforge run NAME` runs one)")
+        return 0
+    if args.action != "cp" or len(args.names) != 2:
+        raise UserError("usage: vlforge recipes [cp NAME DEST]")
+    return copy_recipe(*args.names)
+
+
+def copy_recipe(name: str, dest: str) -> int:
+    """Copy a shipped recipe (and the recipes it extends, beside it) to edit; never overwrites."""
+    from vlforge.registry import did_you_mean
+
+    recipes = shipped_recipes()
+    source = recipes.get(name.removesuffix(".toml"))
+    if source is None:
+        raise UserError(f"no shipped recipe '{name}'{did_you_mean(name, list(recipes))} (`vlforge recipes`)")
+    target = Path(dest)
+    target = target / source.name if target.is_dir() or dest.endswith("/") else target
+    copies = [(source, target)] + [(base, target.parent / base.name) for base in _bases(source)]
+    existing = [str(to) for _, to in copies if to.exists()]
+    if existing:
+        raise UserError(f"not overwriting {', '.join(existing)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for origin, to in copies:
+        shutil.copyfile(origin, to)
+        print(f"vlforge: copied {origin.name} -> {to}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    recipes = sub.add_parser(
+        "recipes", help="list the shipped recipes; `recipes cp NAME DEST` copies one to edit"
+    )
+    recipes.add_argument("action", nargs="?", choices=["cp"], help="cp: copy a recipe")
+    recipes.add_argument("names", nargs="*", metavar="NAME DEST", help="recipe name and destination")
+    recipes.set_defaults(func=cmd_recipes)

@@ -85,7 +85,7 @@ class HFTextConfig(ComponentConfig):
     config: dict[str, Any] | None = Field(
         None,
         description="transformers config, e.g. {model_type = 'bert', hidden_size = 64, ...}; "
-        "vocab_size and pad_token_id default to the tokenizer's",
+        "vocab_size, pad/bos/eos_token_id default to the tokenizer's",
     )
     tokenizer: RecipePath | None = Field(
         None,

@@ -112,6 +112,9 @@ def _hf_config(config: HFTextConfig, tokenizer: Any) -> Any:
     options = dict(config.config or {})
     options.setdefault("vocab_size", len(tokenizer))
     options.setdefault("pad_token_id", tokenizer.pad_token_id)
+    # Models that pool by token id (CLIPTextModel's own pooler) need the tokenizer's ids, not their defaults.
+    options.setdefault("bos_token_id", tokenizer.bos_token_id or tokenizer.cls_token_id)
+    options.setdefault("eos_token_id", tokenizer.eos_token_id or tokenizer.sep_token_id)
     return AutoConfig.for_model(options.pop("model_type"), **options)
 
 
