@@ -11,7 +11,7 @@ from vlforge.components import BuildContext
 from vlforge.errors import UserError
 from vlforge.model import build_model
 from vlforge.recipe import load_recipe
-from vlforge.weights import load_init_weights
+from vlforge.weights.importing import load_init_weights
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")

@@ -33,7 +33,7 @@ from vlforge.errors import RunFailed
 from vlforge.model import Progress, VLModel, build_component, build_model
 from vlforge.plugins import Plugins
 from vlforge.recipe import OptimSection, Recipe, ScheduleSection
-from vlforge.weights import load_init_weights
+from vlforge.weights.importing import load_init_weights
 
 STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR2: "preempted"}
 

@@ -1,6 +1,6 @@
 """Weights in and out: open_clip and Hugging Face CLIP checkpoints as ``model.init_from``, and exports.
 
-``load_init_weights(model, source)`` is what ``[model] init_from`` calls. ``source`` is
+``vlforge.weights.importing.load_init_weights(model, source)`` is what ``[model] init_from`` calls. ``source`` is
 
 * a vlforge checkpoint or run directory (``vlforge.checkpoint.load_model_weights``);
 * a folder written by ``vlforge export --format safetensors`` (``vlforge.json`` inside);
@@ -14,7 +14,5 @@ The mapping onto vlforge's components is in ``vlforge.weights.layouts`` (docs/we
 Tensors of the source that nothing maps, tensors of the model's vision and text towers
 that the source lacks, and shape mismatches all fail the load, each listed by name.
 """
-
-from vlforge.weights.importing import load_init_weights
-
-__all__ = ["load_init_weights"]
+# Nothing is imported here: `vlforge export`'s command module lives in this package and the CLI
+# must stay free of torch until a command runs.
