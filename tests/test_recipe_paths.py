@@ -53,7 +53,9 @@ def test_inherited_paths_stay_relative_to_the_file_that_set_them(write, tiny_rec
 
 
 def test_replace_marker_replaces_an_inherited_table(write, tiny_recipe):
-    merged_child = write("merged.toml", 'extends = "tiny.toml"\n[data]\ntype = "captions"\nfiles = "x.jsonl"\n')
+    merged_child = write(
+        "merged.toml", 'extends = "tiny.toml"\n[data]\ntype = "captions"\nfiles = "x.jsonl"\n'
+    )
     problems = problems_of(merged_child)
     # without the marker the table merges: the shapes dataset's keys are unknown to `captions`
     assert any(p.startswith("data.train_size: unknown key") for p in problems)

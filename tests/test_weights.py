@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from vlforge.checkpoint import latest_checkpoint
+from vlforge.cli import main
 from vlforge.components import BuildContext
 from vlforge.errors import UserError
 from vlforge.model import build_model
@@ -183,3 +187,107 @@ def test_import_reports_unknown_and_missing_tensors_by_name(clip_recipe, tmp_pat
     torch.save(wide.state_dict(), tmp_path / "wide.bin")
     with pytest.raises(UserError, match=r"shapes differ: .*token_embedding.weight \(\d+, 32\) in the source"):
         load_init_weights(model, str(tmp_path / "wide.bin"))
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.fixture(scope="module")
+def trained_clip(tmp_path_factory):
+    """A run of the shipped clip_tiny recipe, two steps at toy size."""
+    root = tmp_path_factory.mktemp("runs")
+    overrides = [
+        "train.steps=2",
+        "train.batch_size=16",
+        "data.train_size=64",
+        "~evaluators",
+        "train.progress=false",
+    ]
+    assert main(["run", "clip_tiny", "--runs-root", str(root), *overrides]) == 0
+    (run_dir,) = root.glob("quickstart/*")
+    return run_dir
+
+
+def vlforge_reference(run_dir):
+    from vlforge.weights.export import load_trained
+
+    _, model = load_trained(str(run_dir))
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = model.text.tokenize(
+        ["a red circle", "a large blue square at the top left", "green", "a small star"]
+    )
+    image, text = vlforge_embeddings(model, images, tokens["input_ids"], tokens["attention_mask"])
+    return model, images, tokens, image, text
+
+
+def test_export_hf_clip_loads_in_transformers(trained_clip, tmp_path):
+    out = tmp_path / "hf"
+    assert main(["export", str(trained_clip), "--format", "hf-clip", "-o", str(out)]) == 0
+    model, images, tokens, image, text = vlforge_reference(trained_clip)
+    clip = transformers.CLIPModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert_close(F.normalize(hf_features(clip.get_image_features(pixel_values=images)), dim=-1), image)
+        hf_text = clip.get_text_features(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        )
+        assert_close(F.normalize(hf_features(hf_text), dim=-1), text)
+    assert float(clip.logit_scale.detach()) == pytest.approx(
+        float(model.objectives.contrastive.logit_scale.detach())
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert (
+        tokenizer("a red circle")["input_ids"]
+        == model.text.tokenize(["a red circle"])["input_ids"][0].tolist()
+    )
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["crop_size"] == {"height": 32, "width": 32}
+    assert processor["image_mean"] == list(model.vision.data_config["mean"])
+    assert processor["resample"] == 3  # bicubic
+
+
+def test_export_open_clip_loads_in_open_clip(trained_clip, tmp_path):
+    out = tmp_path / "oc"
+    checkpoint = latest_checkpoint(str(trained_clip))  # a checkpoint, not its run, this time
+    assert main(["export", checkpoint, "--format", "open_clip", "-o", str(out)]) == 0
+    model, images, tokens, image, text = vlforge_reference(trained_clip)
+    clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    clip.eval()
+    length = clip.positional_embedding.shape[0]  # open_clip adds every position: pad to the context
+    ids = F.pad(tokens["input_ids"], (0, length - tokens["input_ids"].shape[1]))
+    with torch.no_grad():
+        assert_close(clip.encode_image(images, normalize=True), image)
+        assert_close(clip.encode_text(ids, normalize=True), text)
+    assert float(clip.logit_scale.detach()) == pytest.approx(
+        float(model.objectives.contrastive.logit_scale.detach())
+    )
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config["preprocess_cfg"]["interpolation"] == "bicubic"
+    assert config["preprocess_cfg"]["mean"] == list(model.vision.data_config["mean"])
+
+
+def test_export_safetensors_rebuilds_every_part(trained_clip, tmp_path):
+    out = tmp_path / "st"
+    assert main(["export", str(trained_clip), "--format", "safetensors", "-o", str(out)]) == 0
+    manifest = json.loads((out / "vlforge.json").read_text())
+    assert manifest["parts"].keys() >= {"vision", "text", "objectives"}
+    model, images, tokens, image, text = vlforge_reference(trained_clip)
+    again = build(out / "recipe.toml")
+    load_init_weights(again, str(out))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def test_unrepresentable_models_are_refused(tiny_recipe, runs_root, tmp_path, capsys):
+    """The quickstart's towers (BERT text, no pre-norm ViT with a patch bias) are not a CLIP checkpoint."""
+    assert main(["run", str(tiny_recipe), "train.steps=1", "~evaluators", "train.checkpoint_every=0"]) == 0
+    (run_dir,) = runs_root.glob("tests/*")
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--format", "hf-clip", "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "model.text must be hf.text with config.model_type = 'clip_text_model' (this one: bert)" in err
+    assert "model.vision needs a pre-norm" in err and "model.vision needs no patch-embedding bias" in err
+    assert "--format safetensors" in err
+    assert (
+        main(["export", str(tmp_path / "nowhere"), "--format", "open_clip", "-o", str(tmp_path / "y")]) == 2
+    )
+    assert "not a run directory" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Weights in and out: open_clip and Hugging Face CLIP checkpoints as ``model.init_from``, and exports.
 
-``vlforge.weights.importing.load_init_weights(model, source)`` is what ``[model] init_from`` calls. ``source`` is
+``vlforge.weights.importing.load_init_weights(model, source)`` is what ``[model] init_from``
+calls. ``source`` is
 
 * a vlforge checkpoint or run directory (``vlforge.checkpoint.load_model_weights``);
 * a folder written by ``vlforge export --format safetensors`` (``vlforge.json`` inside);

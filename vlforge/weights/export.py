@@ -27,12 +27,16 @@ _ACTIVATIONS = {"GELU": "gelu", "QuickGELU": "quick_gelu"}
 _PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 
 
-def run_recipe_of(source: str) -> Path:
-    """The ``recipe.toml`` of the run a checkpoint (file or folder) or run directory belongs to."""
-    path = Path(source).resolve()
-    for folder in [path, *path.parents][:4]:
-        if (folder / "recipe.toml").is_file():
-            return folder / "recipe.toml"
+def run_recipe_of(source: str) -> str:
+    """The ``recipe.toml`` of the run a checkpoint (file or folder, path or URL) or run directory is in."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(source)
+    folder = path.rstrip("/")
+    for _ in range(4):  # the run, its checkpoints/, a checkpoint, a file inside a checkpoint folder
+        if fs.isfile(f"{folder}/recipe.toml"):
+            return fs.unstrip_protocol(f"{folder}/recipe.toml")
+        folder = folder.rsplit("/", 1)[0]
     raise UserError(f"export: {source} is not a run directory or a checkpoint inside one (no recipe.toml)")
 
 
