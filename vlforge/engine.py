@@ -31,8 +31,9 @@ from vlforge.components import BuildContext
 from vlforge.data.stream import make_stream
 from vlforge.errors import RunFailed
 from vlforge.model import Progress, VLModel, build_component, build_model
+from vlforge.optim import parameter_groups
 from vlforge.plugins import Plugins
-from vlforge.recipe import OptimSection, Recipe, ScheduleSection
+from vlforge.recipe import Recipe, ScheduleSection
 from vlforge.weights.importing import load_init_weights
 
 STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR2: "preempted"}
@@ -80,20 +81,6 @@ def autocast_for(device: torch.device, precision: str):
     if not use_bf16:
         return nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]:
-    """Trainable parameters split into decay / no-decay groups (frozen and EMA copies excluded)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim < 2 or any(pattern in name for pattern in optim.no_decay)
-        (no_decay if skip else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def lr_factor(step: int, total: int, schedule: ScheduleSection) -> float:
@@ -170,9 +157,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         lr = recipe.optim.lr * (train.batch_size / 256 if recipe.optim.lr_scaling == "per256" else 1)
-        optimizer = torch.optim.AdamW(
-            parameter_groups(model, recipe.optim), lr=lr, betas=recipe.optim.betas, eps=recipe.optim.eps
-        )
+        groups = [group | {"lr": lr * group["lr_scale"]} for group in parameter_groups(model, recipe.optim)]
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=recipe.optim.betas, eps=recipe.optim.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, train.steps, recipe.schedule)
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
@@ -97,6 +97,12 @@ class ModelSection(Section):
     init_from: RecipePath | None = None
 
 
+class LockSection(Section):
+    """``[optim.lock.<part>]``: the part is frozen except its last ``unlocked_blocks`` blocks and head."""
+
+    unlocked_blocks: int = Field(0, ge=0)
+
+
 class OptimSection(Section):
     lr: float = 1e-3
     # "per256": the absolute lr is lr * global_batch / 256 (FLIP's convention).
@@ -106,6 +112,10 @@ class OptimSection(Section):
     weight_decay: float = 0.05
     # Parameters with fewer than 2 dims, or whose name contains one of these, get no decay.
     no_decay: list[str] = Field(default_factory=lambda: ["bias", "norm", "cls_token", "pos_embed"])
+    # Fine-tuning (vlforge/optim.py, docs/weights.md): freeze parts, scale their lr, decay it by layer.
+    lock: dict[str, LockSection] = Field(default_factory=dict)  # part -> what stays trainable
+    lr_multipliers: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # name prefix -> m
+    layer_decay: dict[str, Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=dict)  # part -> d
 
 
 class ScheduleSection(Section):
