@@ -154,6 +154,8 @@ def test_hf_clip_folder_loads(clip_recipe, tmp_path):
     torch.manual_seed(0)
     source = transformers.CLIPModel(config).eval()
     source.save_pretrained(tmp_path / "hf")
+    with pytest.raises(UserError, match="activations differ: model.vision uses gelu, the source quick_gelu"):
+        load_init_weights(build(clip_recipe), str(tmp_path / "hf"))  # weights alone cannot tell
     load_init_weights(model, str(tmp_path / "hf"))
     images, ids, mask = inputs(vocab, eos=3)
     image, text = vlforge_embeddings(model, images, ids, mask)

@@ -18,12 +18,11 @@ import torch
 from torch import nn
 
 from vlforge.errors import UserError
-from vlforge.weights.importing import EXPORT_MANIFEST, logit_scale_key
+from vlforge.weights.importing import EXPORT_MANIFEST, logit_scale_key, vision_activation
 from vlforge.weights.layouts import hf_clip_rules, open_clip_rules, text_prefix
 from vlforge.weights.mapping import Rule, convert
 
-# timm activation class name -> the name transformers and open_clip use
-_ACTIVATIONS = {"GELU": "gelu", "QuickGELU": "quick_gelu"}
+_ACTIVATIONS = ("gelu", "quick_gelu")  # what both formats can name
 _PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 
 
@@ -79,7 +78,7 @@ def clip_problems(model: nn.Module, fmt: str) -> list[str]:
         problems.append("model.vision.embed_dim and model.text.embed_dim differ")
     if (
         not problems
-        and _activation(model.vision) != model.text.model.config.hidden_act
+        and vision_activation(model.vision) != model.text.model.config.hidden_act
         and fmt == "open_clip"
     ):
         problems.append("open_clip uses one activation for both towers; vision and text differ")
@@ -99,7 +98,7 @@ def _vision_problems(vision: Any) -> list[str]:
         "no register tokens": vit.num_reg_tokens == 0,
         "pool = 'token'": vit.global_pool == "token" and isinstance(vit.fc_norm, nn.Identity),
         "embed_dim > 0": vision.proj is not None,
-        "GELU or QuickGELU activations": _activation(vision) in _ACTIVATIONS.values(),
+        "GELU or QuickGELU activations": vision_activation(vision) in _ACTIVATIONS,
         "no layer scale or q/k norm": isinstance(vit.blocks[0].ls1, nn.Identity)
         and isinstance(vit.blocks[0].attn.q_norm, nn.Identity),
     }
@@ -115,11 +114,6 @@ def _text_problems(text: Any) -> list[str]:
         [] if text.pool_type == "last" else ["model.text needs pool = 'last' (CLIP pools the EOS token)"]
     )
     return problems + ([] if text.proj is not None else ["model.text needs embed_dim > 0"])
-
-
-def _activation(vision: Any) -> str:
-    name = type(vision.vit.blocks[0].mlp.act).__name__
-    return _ACTIVATIONS.get(name, name)
 
 
 def _refuse_unless_clip(model: nn.Module, fmt: str) -> None:
@@ -156,7 +150,7 @@ def _vision_facts(model: nn.Module) -> dict[str, Any]:
         "heads": block.attn.num_heads,
         "mlp_width": block.mlp.fc1.out_features,
         "eps": block.norm1.eps,
-        "act": _activation(model.vision),
+        "act": vision_activation(model.vision),
         "mean": list(data["mean"]),
         "std": list(data["std"]),
         "interpolation": data["interpolation"],

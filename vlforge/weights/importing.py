@@ -32,17 +32,47 @@ def load_init_weights(model: nn.Module, source: str) -> None:
     elif path.is_dir() and (path / EXPORT_MANIFEST).is_file():
         load_mapped(model, read_weights(path / "model.safetensors"), [], source, complete=("",))
     elif path.is_dir() and _hf_clip_folder(path):
+        config = json.loads((path / "config.json").read_text())
+        # transformers' CLIP default activation is quick_gelu
+        check_activations(
+            model,
+            config.get("vision_config", {}).get("hidden_act", "quick_gelu"),
+            config.get("text_config", {}).get("hidden_act", "quick_gelu"),
+            source,
+        )
         rules = hf_clip_rules(logit_scale_key(model, source), text_prefix(list(model.state_dict())))
         load_mapped(model, *_converted(_hf_weights(path), rules), source)
     elif path.is_dir() and (path / "open_clip_config.json").is_file():
         weights = next((path / n for n in _OPEN_CLIP_FILES if (path / n).is_file()), None)
         if weights is None:
             raise UserError(f"model.init_from: open_clip folder {source} holds none of {_OPEN_CLIP_FILES}")
+        config = json.loads((path / "open_clip_config.json").read_text())
+        activation = "quick_gelu" if config.get("model_cfg", config).get("quick_gelu") else "gelu"
+        check_activations(model, activation, activation, source)
         load_open_clip(model, weights, source)
     elif path.is_file() and path.suffix in _WEIGHT_SUFFIXES:
         load_open_clip(model, path, source)
     else:
         ckpt.load_model_weights(model, source)  # a run directory (or an error naming it)
+
+
+def vision_activation(vision: nn.Module) -> str:
+    """A timm ViT's MLP activation in transformers' / open_clip's words ("gelu", "quick_gelu")."""
+    name = type(vision.vit.blocks[0].mlp.act).__name__
+    return {"GELU": "gelu", "QuickGELU": "quick_gelu"}.get(name, name)
+
+
+def check_activations(model: nn.Module, vision: str, text: str, source: str) -> None:
+    """Weights never say which activation they were trained with; the source's config does."""
+    ours = {"vision": vision_activation(model.vision), "text": model.text.model.config.hidden_act}
+    wrong = [
+        f"model.{part} uses {ours[part]}, the source {want}"
+        for part, want in (("vision", vision), ("text", text))
+        if ours[part] != want
+    ]
+    if wrong:
+        hint = "set model.vision.timm_kwargs = {act_layer = '...'} and model.text.config.hidden_act"
+        raise UserError(f"model.init_from: {source}: activations differ: {'; '.join(wrong)} ({hint})")
 
 
 def load_open_clip(model: nn.Module, weights: Path, source: str) -> None:
