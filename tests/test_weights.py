@@ -262,6 +262,8 @@ def test_export_open_clip_loads_in_open_clip(trained_clip, tmp_path):
     assert float(clip.logit_scale.detach()) == pytest.approx(
         float(model.objectives.contrastive.logit_scale.detach())
     )
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    assert torch.equal(tokenizer(["a red circle"])[0], ids[0])
     config = json.loads((out / "open_clip_config.json").read_text())
     assert config["preprocess_cfg"]["interpolation"] == "bicubic"
     assert config["preprocess_cfg"]["mean"] == list(model.vision.data_config["mean"])

@@ -208,7 +208,7 @@ def to_hf_clip(recipe: Any, model: nn.Module, folder: Path) -> None:
 
 
 def to_open_clip(recipe: Any, model: nn.Module, folder: Path) -> None:
-    """``open_clip_config.json`` + ``open_clip_model.safetensors``, tokenizer files (``tokenizer/``).
+    """``open_clip_config.json`` + ``open_clip_model.safetensors`` + tokenizer files.
 
     Load with ``open_clip.create_model_and_transforms("local-dir:FOLDER")``. Texts are pooled at the
     tokenizer's EOS id (open_clip ``pool_type = "eos"``), which is vlforge's last real token.
@@ -244,7 +244,8 @@ def to_open_clip(recipe: Any, model: nn.Module, folder: Path) -> None:
             "eos_id": eos,
             "pad_id": tokenizer.pad_token_id or 0,
             "norm_kwargs": {"eps": text_config.layer_norm_eps},
-            "hf_tokenizer_name": str((folder / "tokenizer").resolve()),
+            # open_clip's local-dir: loads the tokenizer files from the folder itself
+            "hf_tokenizer_name": ".",
         },
     }
     preprocess_cfg = {
@@ -254,7 +255,7 @@ def to_open_clip(recipe: Any, model: nn.Module, folder: Path) -> None:
         "resize_mode": "shortest",
     }
     save_file(state, str(folder / "open_clip_model.safetensors"))
-    tokenizer.save_pretrained(folder / "tokenizer")
+    tokenizer.save_pretrained(folder)
     manifest = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     (folder / "open_clip_config.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
