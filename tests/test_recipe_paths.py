@@ -102,5 +102,5 @@ def test_shipped_recipes_run_by_name_from_any_folder(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     assert {"quickstart", "flip_vith_laion2b", "albef_4m"} <= shipped_recipes().keys()
     assert main(["validate", "albef_4m"]) == 0  # its tokenizer is the shipped vlforge:bert-base-uncased
-    assert main(["validate", "nope_recipe"]) == 2
-    assert "nope_recipe" in capsys.readouterr().err
+    assert main(["validate", "quickstrat"]) == 2
+    assert "no shipped recipe of that name; did you mean 'quickstart'?" in capsys.readouterr().err

@@ -15,48 +15,26 @@ from vlforge.components import BuildContext
 from vlforge.errors import UserError
 from vlforge.model import build_model
 from vlforge.recipe import load_recipe
+from vlforge.resources import shipped_recipes
 from vlforge.weights.importing import load_init_weights
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
 
-# A tiny CLIP in open_clip's / OpenAI's layout: a timm *_clip_* ViT and a transformers CLIPTextModel.
-CLIP_RECIPE = """
+# The shipped clip_tiny (open_clip's / OpenAI's layout: a timm *_clip_* ViT and a transformers
+# CLIPTextModel), narrower still.
+CLIP_RECIPE = f"""
+extends = "{shipped_recipes()["clip_tiny"]}"
 name = "clip_layout"
 experiment = "tests"
+delete = ["evaluators"]
 
-[model.vision]
-type = "timm.vit"
-model = "vit_base_patch32_clip_224"
-img_size = 32
-patch_size = 8
-width = 32
-depth = 2
-heads = 2
-embed_dim = 16
-
-[model.text]
-type = "hf.text"
-config = { model_type = "clip_text_model", hidden_size = 24, num_hidden_layers = 2, num_attention_heads = 2, intermediate_size = 96, max_position_embeddings = 16, hidden_act = "gelu" }
-tokenizer = "vlforge:shapes"
-max_length = 16
-pool = "last"
-embed_dim = 16
-
-[objectives.contrastive]
-type = "clip.infonce"
+[model]
+vision = {{ patch_size = 8, width = 32, depth = 2, heads = 2, embed_dim = 16 }}
+text = {{ embed_dim = 16, config = {{ model_type = "clip_text_model", hidden_size = 24, num_hidden_layers = 2, num_attention_heads = 2, intermediate_size = 96, max_position_embeddings = 16, hidden_act = "gelu" }} }}
 
 [data]
-type = "synthetic.shapes"
 train_size = 256
-val_size = 64
-test_size = 64
-
-[train]
-steps = 2
-batch_size = 16
-log_every = 1
-progress = false
 """
 QUICK_GELU = [
     "model.vision.timm_kwargs={act_layer='quick_gelu'}",

@@ -47,10 +47,18 @@ def find_recipe(spec: str) -> str:
 
     A file in the working directory wins over a shipped recipe of the same name.
     """
-    if "://" in spec or Path(spec).exists():
+    if "://" in spec or Path(spec).exists() or "/" in spec:
         return spec
-    shipped = shipped_recipes().get(spec.removesuffix(".toml"))
-    return str(shipped) if shipped and "/" not in spec else spec
+    recipes = shipped_recipes()
+    shipped = recipes.get(spec.removesuffix(".toml"))
+    if shipped is None:
+        from vlforge.recipe import Problem, RecipeError
+        from vlforge.registry import did_you_mean
+
+        hint = did_you_mean(spec.removesuffix(".toml"), list(recipes))
+        message = f"no such file, and no shipped recipe of that name{hint} (shipped: {', '.join(recipes)})"
+        raise RecipeError(spec, [Problem("", message, spec)])
+    return str(shipped)
 
 
 # --------------------------------------------------------------------------- `vlforge recipes`
