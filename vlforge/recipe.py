@@ -442,9 +442,8 @@ def apply_overrides(raw: RawRecipe, overrides: list[str]) -> None:
         else:
             delete_key(raw, key)  # a table given on the command line replaces the inherited one
             node[leaf] = value
-            raw.sources.update(
-                _leaf_sources({leaf: value}, COMMAND_LINE, key.rpartition(".")[0] + "." if parents else "")
-            )
+            parent = ".".join(parents)
+            raw.sources.update(_leaf_sources({leaf: value}, COMMAND_LINE, f"{parent}." if parent else ""))
     if problems:
         raise RecipeError(raw.path, problems)
 
