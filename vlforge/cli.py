@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace):
     from vlforge.recipe import load_recipe
+    from vlforge.resources import find_recipe
 
+    args.recipe = find_recipe(args.recipe)  # a shipped recipe's name -> its file, for every later step
     return load_recipe(args.recipe, args.overrides, tuple(args.plugin))
 
 
