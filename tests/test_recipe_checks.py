@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from vlforge.cli import main, refuse_resume_overrides
-from vlforge.data.tokenizers import BUILTIN_NAMES, _builtin_vocabularies
+from vlforge.data.tokenizers import VOCABULARY_NAMES, _builtin_vocabularies
 from vlforge.encoders import TimmViTConfig
 from vlforge.encoders.vision import build_timm_vit
 from vlforge.errors import UserError
@@ -45,7 +45,7 @@ def test_unknown_builtin_tokenizer_suggests_the_close_name(tiny_recipe, capsys):
     assert code == 2
     assert "model.text.tokenizer: unknown built-in tokenizer 'vlforge:shapez'" in err
     assert "did you mean 'vlforge:shapes'?" in err and "[command line]" in err
-    assert set(BUILTIN_NAMES) == set(_builtin_vocabularies())  # the light list matches the real one
+    assert set(VOCABULARY_NAMES) == set(_builtin_vocabularies())  # the light list matches the real one
 
 
 @pytest.mark.parametrize(

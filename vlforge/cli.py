@@ -22,17 +22,22 @@ EXTENSION_MODULES = (
     "vlforge.data.commands",
     "vlforge.checkpoint.commands",
     "vlforge.eval.commands",
+    "vlforge.resources",
+    "vlforge.weights.commands",
 )
 
 
 def recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe TOML file")
+    parser.add_argument("recipe", help="recipe TOML file, or a shipped recipe's name (`vlforge recipes`)")
     parser.add_argument("overrides", nargs="*", help="key.path=value (TOML-typed), e.g. optim.lr=3e-4")
     parser.add_argument("--plugin", action="append", default=[], help="extra plugin module to load")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vlforge import __version__
+
     parser = argparse.ArgumentParser(prog="vlforge", description="Vision-language pretraining experiments.")
+    parser.add_argument("--version", action="version", version=f"vlforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="train a recipe")
@@ -85,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace, *, check_resources: bool = False):
     from vlforge.recipe import load_recipe
+    from vlforge.resources import find_recipe
 
+    args.recipe = find_recipe(args.recipe)  # a shipped recipe's name -> its file, for every later step
     return load_recipe(args.recipe, args.overrides, tuple(args.plugin), check_resources=check_resources)
 
 
@@ -369,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may also follow options (`run r.toml --dry-run a.b=1`): argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
-    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
+    # `~a.b` deletes an inherited key.
+    is_override = lambda e: ("=" in e and not e.startswith("-")) or e.startswith("~")  # noqa: E731
+    if extra and (not hasattr(args, "overrides") or not all(map(is_override, extra))):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

@@ -34,10 +34,12 @@ from vlforge.components import BuildContext
 from vlforge.data.stream import make_stream
 from vlforge.errors import RunFailed
 from vlforge.model import Progress, VLModel, build_component, build_model
+from vlforge.optim import parameter_groups
 from vlforge.plugins import Plugins
-from vlforge.recipe import OptimSection, Recipe, ScheduleSection
+from vlforge.recipe import Recipe, ScheduleSection
 from vlforge.runlog import progress_line
 from vlforge.steptimer import StepTimer
+from vlforge.weights.importing import load_init_weights
 
 STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR2: "preempted"}
 
@@ -84,20 +86,6 @@ def autocast_for(device: torch.device, precision: str):
     if not use_bf16:
         return nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]:
-    """Trainable parameters split into decay / no-decay groups (frozen and EMA copies excluded)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim < 2 or any(pattern in name for pattern in optim.no_decay)
-        (no_decay if skip else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def lr_factor(step: int, total: int, schedule: ScheduleSection) -> float:
@@ -177,9 +165,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         lr = recipe.optim.lr * (train.batch_size / 256 if recipe.optim.lr_scaling == "per256" else 1)
-        optimizer = torch.optim.AdamW(
-            parameter_groups(model, recipe.optim), lr=lr, betas=recipe.optim.betas, eps=recipe.optim.eps
-        )
+        groups = [group | {"lr": lr * group["lr_scale"]} for group in parameter_groups(model, recipe.optim)]
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=recipe.optim.betas, eps=recipe.optim.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, train.steps, recipe.schedule)
         )
@@ -355,7 +342,7 @@ class Trainer:
         """Train to ``train.steps`` (or until stopped); returns the final run status."""
         train = self.recipe.train
         if self.progress.step == 0 and self.recipe.model.init_from:
-            ckpt.load_model_weights(self.model, self.recipe.model.init_from)
+            load_init_weights(self.model, self.recipe.model.init_from)
         self.plugins.call("vlforge_run_start", state=self.state)
         status = "completed"
         bar = self._progress_bar()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vlforge.components import BuildContext, TextOutput, VisionOutput
+from vlforge.optim import apply_locks, lr_scales
 from vlforge.plugins import Plugins
 from vlforge.recipe import ComponentTable, Recipe
 
@@ -123,7 +124,10 @@ def build_model(recipe: Recipe, plugins: Plugins, ctx: BuildContext) -> VLModel:
         name: build_component(plugins, "objective", table, ctx) for name, table in recipe.objectives.items()
     }
     weights = {name: table.weight for name, table in recipe.objectives.items()}
-    return VLModel(ctx.parts, objectives, weights, teacher)
+    model = VLModel(ctx.parts, objectives, weights, teacher)
+    apply_locks(model, recipe.optim)  # here, so --dry-run counts what trains
+    lr_scales(model, recipe.optim)  # refuses multiplier / decay keys that name no parameter
+    return model
 
 
 def parameter_counts(model: VLModel) -> dict[str, tuple[int, int]]:

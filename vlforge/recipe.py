@@ -26,11 +26,12 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from vlforge.errors import VlforgeError
+from vlforge.paths import RecipePath
 from vlforge.registry import Registry, RegistryError, did_you_mean
 
 COMMAND_LINE = "command line"
@@ -103,8 +104,15 @@ class ModelSection(Section):
     fusion: ComponentTable | None = None
     # A checkpoint file or a run directory (its latest checkpoint): a fresh run starts from
     # those model weights (fine-tuning, FLIP's unmasked tuning); optimizer, schedule and data
-    # start anew. A resumed run restores its own checkpoint instead.
-    init_from: str | None = None
+    # start anew. A resumed run restores its own checkpoint instead. Also an open_clip
+    # checkpoint or a Hugging Face CLIP folder (vlforge.weights, docs/weights.md).
+    init_from: RecipePath | None = None
+
+
+class LockSection(Section):
+    """``[optim.lock.<part>]``: the part is frozen except its last ``unlocked_blocks`` blocks and head."""
+
+    unlocked_blocks: int = Field(0, ge=0)
 
 
 class OptimSection(Section):
@@ -116,6 +124,10 @@ class OptimSection(Section):
     weight_decay: float = 0.05
     # Parameters with fewer than 2 dims, or whose name contains one of these, get no decay.
     no_decay: list[str] = Field(default_factory=lambda: ["bias", "norm", "cls_token", "pos_embed"])
+    # Fine-tuning (vlforge/optim.py, docs/weights.md): freeze parts, scale their lr, decay it by layer.
+    lock: dict[str, LockSection] = Field(default_factory=dict)  # part -> what stays trainable
+    lr_multipliers: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # name prefix -> m
+    layer_decay: dict[str, Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=dict)  # part -> d
 
 
 class ScheduleSection(Section):
@@ -372,6 +384,8 @@ def read_toml(path: str | Path, _chain: tuple[str, ...] = ()) -> RawRecipe:
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(shown, [Problem("", f"invalid TOML: {exc}", shown)]) from None
     base_name = data.pop("extends", None)
+    deletions = _pop_deletions(data, shown, extends=base_name is not None)
+    replaced = _pop_replace_markers(data, shown)
     own = RawRecipe(data, _leaf_sources(data, shown), shown)
     if base_name is None:
         return own
@@ -381,7 +395,80 @@ def read_toml(path: str | Path, _chain: tuple[str, ...] = ()) -> RawRecipe:
     if _read_text(base_path) is None:
         raise RecipeError(shown, [Problem("extends", f"base recipe '{base_path}' not found", shown)])
     base = read_toml(base_path, (*_chain, identity))
-    return RawRecipe(deep_merge(base.data, data), {**base.sources, **own.sources}, shown)
+    return inherit(base, own, deletions, replaced)
+
+
+# --------------------------------------------------------------------------- deleting and replacing
+# An extending recipe lists inherited keys to drop in ``delete = ["data.urls"]`` and marks a table
+# that replaces the inherited one (instead of merging into it) with ``__replace__ = true``; on the
+# command line ``~data.urls`` deletes and ``data={type="captions", ...}`` replaces (docs/recipes.md).
+
+DELETE_KEY = "delete"
+REPLACE_MARKER = "__replace__"
+
+
+def _pop_deletions(data: dict[str, Any], shown: str, extends: bool) -> list[str]:
+    """The ``delete = [...]`` list of a recipe file, checked and removed from ``data``."""
+    if DELETE_KEY not in data:
+        return []
+    deletions = data.pop(DELETE_KEY)
+    if isinstance(deletions, str):
+        deletions = [deletions]
+    if not isinstance(deletions, list) or not all(isinstance(k, str) and k for k in deletions):
+        message = 'must be a list of dotted inherited keys, e.g. ["data.urls"]'
+        raise RecipeError(shown, [Problem(DELETE_KEY, message, shown)])
+    if not extends:
+        message = "deletes inherited keys, but this recipe extends nothing"
+        raise RecipeError(shown, [Problem(DELETE_KEY, message, shown)])
+    return deletions
+
+
+def _pop_replace_markers(data: dict[str, Any], shown: str, prefix: str = "") -> list[str]:
+    """Dotted keys of the tables marked ``__replace__ = true``; the markers are removed."""
+    replaced = []
+    if REPLACE_MARKER in data:
+        marker = data.pop(REPLACE_MARKER)
+        if marker is not True:
+            key = f"{prefix}{REPLACE_MARKER}"
+            raise RecipeError(shown, [Problem(key, f"must be true (got {marker!r})", shown)])
+        replaced.append(prefix.rstrip("."))
+    for key, value in data.items():
+        if isinstance(value, dict):
+            replaced += _pop_replace_markers(value, shown, f"{prefix}{key}.")
+    return replaced
+
+
+def delete_key(raw: RawRecipe, key: str) -> bool:
+    """Remove ``key`` (dotted) and the sources of everything under it; False if it is not set."""
+    *parents, leaf = key.split(".")
+    node: Any = raw.data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or leaf not in node:
+        return False
+    del node[leaf]
+    for dotted in [k for k in raw.sources if k == key or k.startswith(f"{key}.")]:
+        del raw.sources[dotted]
+    return True
+
+
+def inherit(base: RawRecipe, own: RawRecipe, deletions: list[str], replaced: list[str]) -> RawRecipe:
+    """``own`` over ``base``: listed keys deleted, marked tables replaced, the rest deep-merged."""
+    missing = [key for key in deletions if not delete_key(base, key)]
+    if missing:
+        inherited = ", ".join(sorted(k for k in base.sources if "." not in k))
+        raise RecipeError(
+            own.path,
+            [
+                Problem(
+                    DELETE_KEY, f"'{key}' is not set by the base recipe (its tables: {inherited})", own.path
+                )
+                for key in missing
+            ],
+        )
+    for key in replaced:
+        delete_key(base, key)
+    return RawRecipe(deep_merge(base.data, own.data), {**base.sources, **own.sources}, own.path)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -399,6 +486,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 def apply_overrides(raw: RawRecipe, overrides: list[str]) -> None:
     problems = []
     for text in overrides:
+        if text.startswith("~"):  # ~a.b: delete an inherited key
+            if not delete_key(raw, text[1:]):
+                problems.append(Problem(text[1:], "cannot delete: no recipe sets this key", COMMAND_LINE))
+            continue
         try:
             key, value = parse_override(text)
         except ValueError as exc:
@@ -413,8 +504,10 @@ def apply_overrides(raw: RawRecipe, overrides: list[str]) -> None:
                 break
             node = child
         else:
+            delete_key(raw, key)  # a table given on the command line replaces the inherited one
             node[leaf] = value
-            raw.sources[key] = COMMAND_LINE
+            parent = ".".join(parents)
+            raw.sources.update(_leaf_sources({leaf: value}, COMMAND_LINE, f"{parent}." if parent else ""))
     if problems:
         raise RecipeError(raw.path, problems)
 
@@ -556,7 +649,9 @@ def load_recipe(
     ``check_resources`` also checks what the components point at (step 5).
     Every problem of every step is raised together, in one ``RecipeError``.
     """
-    raw = read_toml(path)
+    from vlforge.resources import find_recipe
+
+    raw = read_toml(find_recipe(str(path)))
     apply_overrides(raw, list(overrides))
     recipe: Recipe | None = None
     problems: list[Problem] = []
@@ -570,6 +665,7 @@ def load_recipe(
     if plugins is not None:
         configs, component_problems = validate_components(raw, plugins.registry)
         problems += component_problems
+    resolve_recipe_paths(recipe, configs, raw)
     if check_resources:  # only configs that validated whole are checked
         problems += check_component_resources(configs, raw)
     if recipe is not None:
@@ -580,6 +676,24 @@ def load_recipe(
     if problems:
         raise RecipeError(raw.path, problems)
     return recipe, plugins
+
+
+def resolve_recipe_paths(recipe: Recipe | None, configs: dict[str, BaseModel], raw: RawRecipe) -> None:
+    """Every ``RecipePath`` value, static or in a component config, relative to the file that set it.
+
+    ``configs`` are the validated component configs by dotted key; a recipe whose static
+    sections did not validate (None) has only those resolved.
+    """
+    from vlforge.paths import resolve_model_paths
+
+    def folder_of(key: str) -> str | None:
+        source = raw.source_of(key)
+        return None if source == COMMAND_LINE else _sibling(source, "").rstrip("/") or "."
+
+    if recipe is not None:
+        resolve_model_paths(recipe, "", folder_of)
+    for key, config in configs.items():
+        resolve_model_paths(config, f"{key}.", folder_of)
 
 
 def check_consistency(recipe: Recipe, raw: RawRecipe) -> list[Problem]:

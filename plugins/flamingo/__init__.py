@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from vlforge.hookspecs import hookimpl
+from vlforge.paths import RecipePath
 from vlforge.registry import ComponentConfig, ConfigIssue, Registry, did_you_mean
 
 if TYPE_CHECKING:
@@ -71,13 +72,15 @@ class GatedXAttnConfig(ComponentConfig):
     GPT-NeoX/Pythia, LLaMA, MPT.
     """
 
-    lm: str | None = Field(None, description="local folder with a transformers causal LM (and its tokenizer)")
+    lm: RecipePath | None = Field(
+        None, description="local folder with a transformers causal LM (and its tokenizer)"
+    )
     lm_config: dict[str, Any] | None = Field(
         None,
         description="transformers config, e.g. {model_type = 'gpt2', n_embd = 64, ...}; "
         "vocab_size grows to fit the tokenizer",
     )
-    tokenizer: str | None = Field(
+    tokenizer: RecipePath | None = Field(
         None, description="'flamingo:shapes', 'vlforge:<vocab>' or a local folder (default: lm)"
     )
     every: int = Field(1, gt=0, description="a gated block before decoder layer i when (i+1) % every == 0")

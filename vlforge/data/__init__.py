@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vlforge.paths import RecipePath
 from vlforge.registry import ComponentConfig, Registry
 
 if TYPE_CHECKING:
@@ -50,7 +51,9 @@ def build_shapes(config: ShapesConfig, ctx: BuildContext) -> Any:
 
 # --------------------------------------------------------------------------- shared tables
 
-UrlList = str | list[str]  # brace patterns allowed: "s3://b/{00000..00099}.tar"
+UrlList = (
+    RecipePath | list[RecipePath]
+)  # relative to the recipe; brace patterns allowed: "s3://b/{00000..00099}.tar"
 
 
 class ImageConfig(ComponentConfig):
@@ -150,7 +153,9 @@ class CaptionsConfig(StreamConfig):
     """``[data] type = "captions"``: JSON/JSONL lists of {image, caption(s)} as ALBEF uses."""
 
     files: UrlList = Field(..., description="train caption files (JSON list or JSON lines)")
-    image_root: str = Field("", description="folder/URL images are relative to; default: each file's folder")
+    image_root: RecipePath = Field(
+        "", description="folder/URL images are relative to; default: each file's folder"
+    )
     splits: dict[str, UrlList] = Field(
         default_factory=dict, description="held-out caption files by split name (for evaluators)"
     )
@@ -168,7 +173,9 @@ class InterleavedConfig(ShardStreamConfig):
     """``[data] type = "interleaved"``: MMC4-style documents (JSONL) of sentences and images."""
 
     files: UrlList = Field(..., description="JSONL files of documents, one document per line")
-    image_root: str = Field("", description="folder/URL of image_name files; default: each file's folder")
+    image_root: RecipePath = Field(
+        "", description="folder/URL of image_name files; default: each file's folder"
+    )
     max_images: int = Field(6, ge=1, description="images kept per document (OpenFlamingo: 6)")
     min_similarity: float | None = Field(
         None, description="drop images whose matched_sim is below this (OpenFlamingo MMC4: 0.24)"

@@ -5,6 +5,8 @@
 * ``"vlforge:<vocab>"``: a word-level tokenizer built in memory from one of
   the built-in vocabularies (``vlforge:shapes`` for the generated dataset).
   Nothing is downloaded; the same spec always gives the same ids.
+* ``"vlforge:<name>"`` of a tokenizer folder vlforge ships
+  (``vlforge:bert-base-uncased``): that folder, wherever vlforge is installed.
 * anything else: a local folder holding tokenizer files, loaded by
   ``transformers.AutoTokenizer`` with ``local_files_only=True``.
 """
@@ -16,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from vlforge.registry import did_you_mean
+from vlforge.resources import shipped_folder
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BUILTIN_PREFIX = "vlforge:"
-BUILTIN_NAMES = ("shapes",)  # the keys of _builtin_vocabularies(), known without importing torch
+VOCABULARY_NAMES = ("shapes",)  # the keys of _builtin_vocabularies(), known without importing torch
 
 
 def _builtin_vocabularies() -> dict[str, list[str]]:
@@ -28,10 +31,16 @@ def _builtin_vocabularies() -> dict[str, list[str]]:
     return {"shapes": VOCABULARY}
 
 
+def builtin_names() -> list[str]:
+    """Every ``vlforge:<name>``: the vocabularies built in memory, then the shipped tokenizer folders."""
+    shipped = sorted(path.name for path in shipped_folder("tokenizers").iterdir() if path.is_dir())
+    return [*VOCABULARY_NAMES, *shipped]
+
+
 def tokenizer_spec_problem(spec: str) -> str | None:
     """Why ``load_tokenizer(spec)`` would fail, checked without loading anything; None if it can load."""
     if spec.startswith(BUILTIN_PREFIX):
-        valid = [f"{BUILTIN_PREFIX}{name}" for name in BUILTIN_NAMES]
+        valid = [f"{BUILTIN_PREFIX}{name}" for name in builtin_names()]
         if spec not in valid:
             return (
                 f"unknown built-in tokenizer '{spec}'{did_you_mean(spec, valid)} (valid: {', '.join(valid)})"
@@ -40,7 +49,7 @@ def tokenizer_spec_problem(spec: str) -> str | None:
     if not Path(spec).is_dir():
         return (
             f"tokenizer folder '{spec}' not found: give a local folder with tokenizer files "
-            f"or a built-in one ({', '.join(BUILTIN_PREFIX + name for name in BUILTIN_NAMES)})"
+            f"or a built-in one ({', '.join(BUILTIN_PREFIX + name for name in builtin_names())})"
         )
     return None
 
@@ -74,9 +83,11 @@ def load_tokenizer(spec: str) -> Any:
     if spec.startswith(BUILTIN_PREFIX):
         name = spec.removeprefix(BUILTIN_PREFIX)
         vocabularies = _builtin_vocabularies()
-        if name not in vocabularies:
-            raise ValueError(f"unknown built-in tokenizer '{spec}' (valid: {', '.join(vocabularies)})")
-        return word_level_tokenizer(vocabularies[name])
+        if name in vocabularies:
+            return word_level_tokenizer(vocabularies[name])
+        if name not in builtin_names():
+            raise ValueError(f"unknown built-in tokenizer '{spec}' (valid: {', '.join(builtin_names())})")
+        spec = str(shipped_folder("tokenizers") / name)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(spec, local_files_only=True)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from vlforge.paths import RecipePath
 from vlforge.registry import ComponentConfig, ConfigIssue, Registry, did_you_mean
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ class TimmViTConfig(ComponentConfig):
     """
 
     model: str = Field(..., description="timm model name, e.g. 'vit_base_patch16_224'")
-    pretrained: str | None = Field(
+    pretrained: RecipePath | None = Field(
         None,
         description="local weights file (.safetensors/.pth/.bin) for the timm model; "
         "position embeddings are resampled when the grid differs",
@@ -106,14 +107,16 @@ class HFTextConfig(ComponentConfig):
     transformers config as a table, built with random weights).
     """
 
-    pretrained: str | None = Field(None, description="local folder with config, weights and tokenizer")
+    pretrained: RecipePath | None = Field(None, description="local folder with config, weights and tokenizer")
     config: dict[str, Any] | None = Field(
         None,
         description="transformers config, e.g. {model_type = 'bert', hidden_size = 64, ...}; "
-        "vocab_size and pad_token_id default to the tokenizer's",
+        "vocab_size, pad/bos/eos_token_id default to the tokenizer's",
     )
-    tokenizer: str | None = Field(
-        None, description="tokenizer spec: 'vlforge:<vocab>' or a local folder (default: pretrained)"
+    tokenizer: RecipePath | None = Field(
+        None,
+        description="tokenizer: a shipped one ('vlforge:shapes', 'vlforge:bert-base-uncased') or a local "
+        "folder (default: pretrained)",
     )
     max_length: int = Field(32, gt=0, description="texts are truncated to this many tokens")
     pool: Literal["first", "mean", "last"] = Field(

@@ -46,6 +46,10 @@ class HFText(nn.Module):
         self.pool_type = pool
         self.proj = nn.Linear(self.width, embed_dim, bias=False) if embed_dim else None
 
+    def shard_units(self) -> list[nn.Module]:
+        """The transformer layers this tower runs, in forward order (ShardUnitsLike)."""
+        return list(_layer_stack(self.model))
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Texts -> ``input_ids``/``attention_mask`` (B, L): padded to the longest, cut at max_length."""
         encoded = self.tokenizer(
@@ -123,11 +127,22 @@ def _hf_config(config: HFTextConfig, tokenizer: Any) -> Any:
     options = dict(config.config or {})
     options.setdefault("vocab_size", len(tokenizer))
     options.setdefault("pad_token_id", tokenizer.pad_token_id)
+    # Models that pool by token id (CLIPTextModel's own pooler) need the tokenizer's ids, not their defaults.
+    options.setdefault("bos_token_id", tokenizer.bos_token_id or tokenizer.cls_token_id)
+    options.setdefault("eos_token_id", tokenizer.eos_token_id or tokenizer.sep_token_id)
     return AutoConfig.for_model(options.pop("model_type"), **options)
 
 
-# Where transformers text models keep their layer stack: BERT/RoBERTa, DistilBERT, GPT-2, LLaMA-style.
-LAYER_STACKS = ("encoder.layer", "transformer.layer", "h", "layers")
+# Where transformers text models keep their layer stack: BERT/RoBERTa, CLIP (transformers 5 and 4),
+# DistilBERT, GPT-2, LLaMA-style.
+LAYER_STACKS = (
+    "encoder.layer",
+    "encoder.layers",
+    "text_model.encoder.layers",
+    "transformer.layer",
+    "h",
+    "layers",
+)
 
 
 def keep_first_layers(model: nn.Module, count: int) -> list[nn.Module]:

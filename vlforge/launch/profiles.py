@@ -7,7 +7,7 @@ extra sbatch/srun options. Profiles are read like recipes (``extends`` works, un
 are refused with the valid ones listed) and every problem is reported at once.
 
 A profile name is looked up in ``$VLFORGE_SLURM_PROFILES`` (folders separated by ``:``),
-then ``./slurm/profiles`` and this checkout's ``slurm/profiles``; a value ending in
+then ``./slurm/profiles`` and the shipped profiles (this checkout's ``slurm/profiles``); a value ending in
 ``.toml`` is a path.
 """
 
@@ -23,9 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from vlforge.errors import VlforgeError
 from vlforge.recipe import Problem, RecipeError, _problems_from, read_toml
 from vlforge.registry import did_you_mean
+from vlforge.resources import shipped_folder
 
 PROFILES_ENV = "VLFORGE_SLURM_PROFILES"
-_REPO_PROFILES = Path(__file__).resolve().parents[2] / "slurm" / "profiles"
+_REPO_PROFILES = shipped_folder("profiles")  # slurm/profiles in a checkout, vlforge/profiles in a wheel
 # Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
 
