@@ -88,7 +88,7 @@ def test_deleting_is_validated(write, tiny_recipe):
 def test_command_line_deletes_and_replaces(tiny_recipe, capsys):
     recipe, _ = load_recipe(tiny_recipe, ["~evaluators.retrieval", "~data.val_size"])
     assert recipe.evaluators == {}
-    recipe, _ = load_recipe(tiny_recipe, ['data={type="captions", files="a.jsonl"}'])
+    recipe, _ = load_recipe(tiny_recipe, ["~evaluators.retrieval", 'data={type="captions", files="a.jsonl"}'])
     assert recipe.data.options.keys() == {"files"}
     assert problems_of(tiny_recipe, ["~data.nope"]) == [
         "data.nope: cannot delete: no recipe sets this key [command line]"
