@@ -208,7 +208,7 @@ def test_preempted_run_requeues_and_resumes_to_the_uninterrupted_result(tmp_path
     overrides = [plugin, "train.steps=24", "train.checkpoint_every=4"]  # one task: cheap reference
     monkeypatch.setenv("FIRST_ALLOCATION_STEP_S", "0.5")
     [record] = slurm_run(recipe, root, 'launch.profile="dev"', *overrides)
-    first_checkpoint = Path(record.run_dir) / "checkpoints" / "step_00000004.pt"
+    first_checkpoint = Path(record.run_dir) / "checkpoints" / "step_00000004" / "manifest.json"
     wait_for(first_checkpoint.exists, 180, "the first checkpoint", record.job_id, record.log)
 
     # A job of the high-priority partition wants the whole node: Slurm preempts the run.
@@ -303,7 +303,7 @@ def test_cancel_stops_at_a_checkpoint_and_resume_continues_on_slurm(tmp_path, pl
     monkeypatch.setenv("FIRST_ALLOCATION_STEP_S", "0.5")
     overrides = ['launch.profile="dev"', plugin, "train.steps=30", "train.checkpoint_every=4"]
     [record] = slurm_run(recipe, root, *overrides)
-    first_checkpoint = Path(record.run_dir) / "checkpoints" / "step_00000004.pt"
+    first_checkpoint = Path(record.run_dir) / "checkpoints" / "step_00000004" / "manifest.json"
     wait_for(first_checkpoint.exists, 180, "the first checkpoint", record.job_id, record.log)
 
     assert main(["cancel", record.run_id, "--runs-root", str(root)]) == 0

@@ -140,7 +140,9 @@ def vlforge_save_checkpoint(state: TrainState, checkpoint: dict[str, Any]) -> No
 
     ``checkpoint["plugins"]`` is a dict; a plugin stores its own state under
     a key of its own (module buffers such as queues already travel in the
-    model's ``state_dict``). Returns nothing.
+    model's ``state_dict``). Called on rank 0; ``checkpoint`` becomes the
+    checkpoint's ``train_state.pt`` (small, picklable state: docs/checkpoints.md).
+    Returns nothing.
     """
 
 
