@@ -234,3 +234,16 @@ def test_profile_hardware_keys_are_validated(tmp_path):
         load_profile(bad)
     assert "gpu_memory_gb" in str(error.value) and "mfu" in str(error.value)
     assert load_profile(profile_file(tmp_path, 80)).mfu == 0.4  # the stated default
+
+
+def test_a_measured_step_time_from_the_index_is_shown_beside_the_estimate(tiny_recipe, runs_root, capsys):
+    from vlforge.cli import main
+
+    assert main(["run", str(tiny_recipe), "train.steps=4"]) == 0  # the summary builds the index
+    capsys.readouterr()
+    assert main(["run", str(tiny_recipe), "--dry-run", "--format", "json"]) == 0
+    measured = json.loads(capsys.readouterr().out)["measured"]
+    assert measured["runs"] == 1 and measured["samples_per_s"] > 0
+    assert measured["step_time_s"] == pytest.approx(16 / measured["samples_per_s"])  # batch 16
+    assert main(["run", str(tiny_recipe), "--dry-run", "launch.nproc=2"]) == 0
+    assert "measured" not in capsys.readouterr().out  # another world size: no figure to show
