@@ -90,6 +90,7 @@ def measured_activations(recipe, plugins, plan) -> dict[str, int]:
     return measured
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "overrides"),
     [
@@ -157,6 +158,7 @@ def test_planned_parameter_gradient_and_optimizer_bytes_are_exact(name, tmp_path
 FULL_SCALE = ["flip_vith_laion2b", "albef_14m", "flamingo_3b", "flamingo_9b"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL_SCALE)
 def test_full_scale_plans_are_quick_small_and_agree_with_the_recipe_comment(name, tmp_path):
     """Under 20 s of CPU and 3 GB RSS; the total is the "≈N GB per GPU" the recipe's comment states."""
