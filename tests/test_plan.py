@@ -90,6 +90,7 @@ def measured_activations(recipe, plugins, plan) -> dict[str, int]:
     return measured
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "overrides"),
     [
@@ -157,6 +158,7 @@ def test_planned_parameter_gradient_and_optimizer_bytes_are_exact(name, tmp_path
 FULL_SCALE = ["flip_vith_laion2b", "albef_14m", "flamingo_3b", "flamingo_9b"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL_SCALE)
 def test_full_scale_plans_are_quick_small_and_agree_with_the_recipe_comment(name, tmp_path):
     """Under 20 s of CPU and 3 GB RSS; the total is the "≈N GB per GPU" the recipe's comment states."""
@@ -234,3 +236,16 @@ def test_profile_hardware_keys_are_validated(tmp_path):
         load_profile(bad)
     assert "gpu_memory_gb" in str(error.value) and "mfu" in str(error.value)
     assert load_profile(profile_file(tmp_path, 80)).mfu == 0.4  # the stated default
+
+
+def test_a_measured_step_time_from_the_index_is_shown_beside_the_estimate(tiny_recipe, runs_root, capsys):
+    from vlforge.cli import main
+
+    assert main(["run", str(tiny_recipe), "train.steps=4"]) == 0  # the summary builds the index
+    capsys.readouterr()
+    assert main(["run", str(tiny_recipe), "--dry-run", "--format", "json"]) == 0
+    measured = json.loads(capsys.readouterr().out)["measured"]
+    assert measured["runs"] == 1 and measured["samples_per_s"] > 0
+    assert measured["step_time_s"] == pytest.approx(16 / measured["samples_per_s"])  # batch 16
+    assert main(["run", str(tiny_recipe), "--dry-run", "launch.nproc=2"]) == 0
+    assert "measured" not in capsys.readouterr().out  # another world size: no figure to show

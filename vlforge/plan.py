@@ -9,9 +9,10 @@ recipe's autocast. From that pass it takes:
   ``torch.autograd.graph.saved_tensors_hooks`` (deduplicated by storage, parameters and buffers
   excluded, autocast's bf16 weight copies included). Masking, text length, media count and the
   towers' ``gradient_checkpointing`` keys act as they do in training: a checkpointed block saves
-  only its inputs. The pass is repeated with checkpointing on everywhere (the lever) and, when
-  anything is checkpointed, off everywhere (the recompute of the largest unit in backward);
-* **FLOPs** per tower, forward + backward as run (recompute included), with
+  only its inputs; one call of each kind of checkpointed unit is replayed without it (what
+  backward's recompute holds). When the recipe does not fit, the largest batch is run forward
+  once more with checkpointing on everywhere (that lever's figure);
+* **FLOPs**, forward per tower and backward in total (recompute included), with
   ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention).
 
 Static memory is counted from the parameters: trainable, frozen (``train.frozen_dtype``) and EMA
@@ -28,7 +29,6 @@ Autocast is CPU autocast's (CUDA's keeps LayerNorm and softmax outputs in fp32: 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -441,10 +441,6 @@ def format_plan(plan: Plan) -> str:
             f"{m['step_time_s'] * plan.steps / 3600 * plan.world_size:,.0f} GPU-hours"
         )
     return "\n".join(lines)
-
-
-def plan_json(plan: Plan) -> str:
-    return json.dumps(plan.to_dict(), indent=2)
 
 
 # --------------------------------------------------------------------------- making the plan
