@@ -45,6 +45,10 @@ class TimmViT(nn.Module):
         self.data_config = _data_config(vit)
         self.proj = nn.Linear(self.width, embed_dim, bias=False) if embed_dim else None
 
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP/compile units (``ShardUnitsLike``): the transformer blocks."""
+        return list(self.vit.blocks)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) -> (B, P+N, D): patches + position embeddings, prefix tokens prepended."""
         x = self.vit.patch_embed(images)

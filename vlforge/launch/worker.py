@@ -28,28 +28,43 @@ class RunJob:
         return f"{self.root.rstrip('/')}/{self.experiment}/{self.run_id}"
 
 
-def init_process_group() -> None:
-    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, if any."""
+def init_process_group(timeout_s: int = 1800) -> None:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, if any.
+
+    On GPUs the group is ``cuda:nccl,cpu:gloo``: NCCL for tensors, gloo for object
+    collectives and barriers. A collective that waits longer than ``timeout_s``
+    (``launch.collective_timeout_s``) fails the run instead of hanging it.
+    """
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
+
+    from vlforge import distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or dist.is_initialized():
         return
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(
+        backend=distributed.process_group_backend(cuda), timeout=timedelta(seconds=timeout_s)
+    )
+    if distributed.guard_requested():
+        distributed.install_collective_guard()
+    distributed.watch_peer_failures()
 
 
 def run_job(job: RunJob) -> str:
     """Train ``job`` on this rank; returns the run status."""
-    init_process_group()
     from vlforge import checkpoint as ckpt
     from vlforge import distributed as dist
     from vlforge.engine import Trainer
     from vlforge.recipe import load_recipe
 
     recipe, plugins = load_recipe(job.recipe_path, job.overrides, job.extra_plugins)
+    init_process_group(recipe.launch.collective_timeout_s)
     run = _open_run(job, recipe) if dist.rank() == 0 else None
     status, reason = "failed", None
     try:
@@ -60,6 +75,11 @@ def run_job(job: RunJob) -> str:
         status = trainer.fit()
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
+        peer = dist.peer_failure()  # a collective broken by another rank's failure: name that one
+        if peer is not None and not peer.startswith(f"rank {dist.rank()}:"):
+            reason = f"{peer} (this rank then failed with {reason})"
+        else:
+            dist.announce_failure(reason)
         raise
     finally:
         if run is not None:
