@@ -210,6 +210,7 @@ def all_gather_object(obj: object) -> list[object]:
 # --------------------------------------------------------------------------- failures
 
 FAILURE_KEY = "vlforge/failure"
+_seen_failure: str | None = None  # what the watcher read before it aborted the group
 
 
 def _store() -> Any:
@@ -217,17 +218,23 @@ def _store() -> Any:
 
 
 def announce_failure(reason: str) -> None:
-    """Tell every rank that this one failed (first failure wins); never raises."""
+    """Tell every rank that this one failed (first failure wins), then leave the group; never raises.
+
+    Aborting closes this rank's connections at once, so peers blocked in a gloo
+    collective raise now rather than when this process has finished exiting.
+    """
     if not is_distributed():
         return
     with contextlib.suppress(Exception):  # the store's host (rank 0) may be gone already
         _store().compare_set(FAILURE_KEY, "", f"rank {rank()}: {reason}")
+    with contextlib.suppress(Exception):
+        dist.distributed_c10d._abort_process_group()
 
 
 def peer_failure() -> str | None:
-    """The failure another rank announced (``'rank k: Error: ...'``), or None."""
-    if not is_distributed():
-        return None
+    """The failure a rank announced (``'rank k: Error: ...'``), or None."""
+    if _seen_failure is not None or not is_distributed():
+        return _seen_failure
     try:
         store = _store()
         return store.get(FAILURE_KEY).decode() if store.check([FAILURE_KEY]) else None
@@ -250,9 +257,11 @@ def watch_peer_failures(poll_s: float = 0.5, grace_s: float = 3.0) -> None:
     me = rank()
 
     def watch() -> None:
+        global _seen_failure
         while is_distributed():
             failure = peer_failure()
             if failure is not None and not failure.startswith(f"rank {me}:"):
+                _seen_failure = failure
                 print(f"vlforge: rank {me} stops: {failure}", file=sys.stderr, flush=True)
                 time.sleep(grace_s)
                 if is_distributed():

@@ -13,6 +13,8 @@ import socket
 from vlforge.errors import RunFailed
 from vlforge.launch.worker import RunJob, run_job
 
+FAILURE_GRACE_S = 30.0
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -39,7 +41,11 @@ def launch_local(job: RunJob, nproc: int) -> str:
     import torch.multiprocessing as mp
 
     try:
-        mp.spawn(_spawned_rank, args=(job, nproc, free_port()), nprocs=nproc, join=True)
+        ranks = mp.spawn(_spawned_rank, args=(job, nproc, free_port()), nprocs=nproc, join=False)
+        # When a rank fails the others stop by themselves within seconds (they are told through
+        # the store); the grace period lets rank 0 close the run with the error before any kill.
+        while not ranks.join(grace_period=FAILURE_GRACE_S):
+            pass
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         status = _status_of(job)
         reason = status.get("reason") or str(exc)

@@ -66,7 +66,7 @@ def run_job(job: RunJob) -> str:
     recipe, plugins = load_recipe(job.recipe_path, job.overrides, job.extra_plugins)
     init_process_group(recipe.launch.collective_timeout_s)
     run = _open_run(job, recipe) if dist.rank() == 0 else None
-    status, reason = "failed", None
+    status, reason, failed = "failed", None, False
     try:
         trainer = Trainer(recipe, plugins, job.run_dir, run)
         latest = ckpt.latest_checkpoint(job.run_dir) if job.resume else None
@@ -80,12 +80,13 @@ def run_job(job: RunJob) -> str:
             reason = f"{peer} (this rank then failed with {reason})"
         else:
             dist.announce_failure(reason)
+        failed = True
         raise
     finally:
         if run is not None:
             run.close(status, reason)
             _refresh_index(job.root)
-        if dist.is_distributed():
+        if dist.is_distributed() and not failed:  # after a failure, peers may never join a teardown
             import torch.distributed
 
             torch.distributed.destroy_process_group()

@@ -18,7 +18,7 @@ def replicate(model: nn.Module, device: torch.device, options: DDPSection) -> nn
         device_ids=[device.index] if device.type == "cuda" else None,
         gradient_as_bucket_view=options.gradient_as_bucket_view,
         static_graph=options.static_graph,
-        broadcast_buffers=options.broadcast_buffers,
+        forward_sync_buffers=options.broadcast_buffers,
     )
     if options.grad_compression == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
