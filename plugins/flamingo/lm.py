@@ -29,7 +29,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from vlforge_plugins.flamingo.xattn import GatedCrossAttentionBlock, text_time
 
-from vlforge.encoders.text import prepared_mask
 from vlforge.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -147,8 +146,6 @@ class FlamingoLM(nn.Module):
         """
         times = text_time(input_ids, self.image_token_id, image_offset)  # (B,L)
         extra = {} if position_ids is None else {"position_ids": position_ids}
-        if past_key_values is None:  # a prepared causal mask: no "any padding?" host sync in training
-            attention_mask = prepared_mask(attention_mask, self.lm.config._attn_implementation, causal=True)
         self._media = (media, times)
         try:
             out = self.lm(
