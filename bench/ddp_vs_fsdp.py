@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import tempfile
@@ -28,8 +27,9 @@ WARMUP = 2
 
 
 def rank_main(rank: int, recipe: str, mode: str, steps: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from vlforge.launch.local import set_rank_environment
+
+    set_rank_environment(rank, 2, port)
     torch.set_num_threads(1)
     from vlforge.engine import Trainer
     from vlforge.launch.worker import init_process_group

@@ -46,16 +46,12 @@ def train_losses(recipe_path: str, overrides: list[str], run_dir: str) -> dict[s
 
 
 def run(rank: int, world: int, port: int, out_dir: str, cases: dict[str, list[str]]) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    from vlforge.launch.local import set_rank_environment
+    from vlforge.launch.worker import init_process_group
+
+    set_rank_environment(rank, world, port)
     os.environ["VLFORGE_CHECK_COLLECTIVES"] = "1"
     torch.set_num_threads(1)
-    from vlforge.launch.worker import init_process_group
 
     init_process_group(timeout_s=120)
     results: dict[str, dict[str, object]] = {}

@@ -22,7 +22,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _spawned_rank(local_rank: int, job: RunJob, world_size: int, port: int) -> None:
+def set_rank_environment(local_rank: int, world_size: int, port: int) -> None:
+    """The variables ``init_process_group`` reads, for rank ``local_rank`` of a run on this machine."""
     os.environ.update(
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),
@@ -30,6 +31,10 @@ def _spawned_rank(local_rank: int, job: RunJob, world_size: int, port: int) -> N
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _spawned_rank(local_rank: int, job: RunJob, world_size: int, port: int) -> None:
+    set_rank_environment(local_rank, world_size, port)
     run_job(job)  # the status is read back from the run directory by the parent
 
 
