@@ -220,3 +220,22 @@ def test_two_rank_fsdp_follows_the_ddp_loss_curve(name, ddp_and_fsdp_losses):
     assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=RELATIVE_TOLERANCE)
     assert ddp["losses"][0] != ddp["losses"][-1]  # it trained
     assert ddp["frozen_row_change"] == fsdp["frozen_row_change"] == 0.0  # Flamingo's row mask (0 elsewhere)
+
+
+@pytest.mark.slow
+def test_frozen_weights_are_stored_in_bf16_when_asked(tmp_path):
+    from vlforge.engine import Trainer
+    from vlforge.recipe import load_recipe
+
+    overrides = ["evaluators={}", "train.batch_size=8", "train.progress=false", "train.frozen_dtype=bf16"]
+    path = str(RECIPES / "flamingo_tiny.toml")
+    recipe, plugins = load_recipe(path, [*overrides, "train.precision=fp32"], ())
+    with pytest.raises(ValueError, match="frozen_dtype = 'bf16' needs bf16 autocast"):
+        Trainer(recipe, plugins, str(tmp_path))
+    recipe, plugins = load_recipe(path, [*overrides, "train.precision=bf16"], ())
+    trainer = Trainer(recipe, plugins, str(tmp_path))
+    frozen = [p for p in trainer.model.parameters() if not p.requires_grad and p.ndim >= 2]
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in trained)  # the optimizer's master weights stay fp32
+    assert torch.isfinite(trainer.train_step()["loss"])

@@ -39,8 +39,12 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store every parameter that does not train in ``dtype``; returns how many were cast."""
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    """Store the frozen weight matrices (ndim >= 2) in ``dtype``; returns how many were cast.
+
+    Norm weights and biases (1-D) stay fp32: autocast runs layer norms in fp32 and
+    refuses bf16 parameters there; matrix products cast their weights anyway.
+    """
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point() and p.ndim >= 2]
     for param in frozen:
         param.data = param.data.to(dtype)
     return len(frozen)
@@ -51,14 +55,19 @@ def apply(model: VLModel, recipe: Recipe, device: torch.device, world: int) -> n
     from vlforge.engine import uses_bf16
 
     train = recipe.train
+    bf16 = uses_bf16(device, train.precision)
     if train.frozen_dtype == "bf16":
+        if not bf16:
+            raise ValueError(
+                f"train.frozen_dtype = 'bf16' needs bf16 autocast (train.precision = 'bf16', or 'auto' "
+                f"on CUDA); this run uses {train.precision} on {device.type}"
+            )
         cast_frozen(model, torch.bfloat16)
     units = shard_units(model)
     if train.compile:
         from vlforge.parallel.compile import compile_units
 
         compile_units(units)
-    bf16 = uses_bf16(device, train.precision)
     if train.parallel == "fsdp":
         from vlforge.parallel.fsdp import shard
 
