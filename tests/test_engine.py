@@ -180,6 +180,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_recipe, runs_
 
 
 @pytest.mark.slow
+def test_non_finite_loss_between_log_steps_stops_before_the_next_checkpoint(
+    tiny_recipe, runs_root, test_plugin, capsys
+):
+    # The flag stays on the device between log steps; the checkpoint at step 6 reads it first.
+    overrides = ["objectives.contrastive.nan_from_step=3", "train.log_every=100"]
+    assert main(["run", str(tiny_recipe), *test_plugin, *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 4 (at step 6:" in err
+    (run_id,) = run_ids(runs_root)
+    run = status_of(runs_root, run_id)
+    assert run["status"] == "failed"
+    assert [s for s, _ in ckpt.list_checkpoints(run["run_dir"])] == [3]
+
+
+@pytest.mark.slow
 def test_two_ranks_train_one_run(tiny_recipe, runs_root):
     assert main(["run", str(tiny_recipe), "launch.nproc=2", "train.steps=3"]) == 0
     (run_id,) = run_ids(runs_root)

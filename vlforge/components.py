@@ -125,7 +125,8 @@ class EvaluatorLike(Protocol):
 class ShardUnitsLike(Protocol):
     """Any model part (encoder, adapter, fusion, objective, teacher) may name its shard units.
 
-    ``shard_units()`` returns sub-modules in forward order (a ViT's blocks, a BERT's layers):
+    ``shard_units()`` returns sub-modules that forward *calls* (FSDP unshards a unit in its
+    forward hooks, so not a bare ModuleList), in forward order (a ViT's blocks, a BERT's layers):
     FSDP shards each one by itself, then the root; ``train.compile`` compiles each one.
     Modules whose weights are tied (shared embeddings) must sit in one unit. A part that
     does not define it is sharded with the root.

@@ -9,6 +9,10 @@ step boundary, writes a checkpoint and stops (``interrupted`` for SIGINT,
 ``preempted`` otherwise, so a launcher can requeue). A non-finite loss stops
 the run as ``failed`` without writing a checkpoint, so the last good one stays
 the latest.
+
+No host-device sync in a step that does not log: the non-finite check is a flag
+on the device (the first bad step), read when the step logs and before every
+checkpoint; stop requests are agreed over the CPU (gloo) backend every step.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 
 from vlforge import checkpoint as ckpt
 from vlforge import distributed as dist
+from vlforge import parallel
 from vlforge.components import BuildContext
 from vlforge.data.stream import make_stream
 from vlforge.errors import RunFailed
@@ -44,6 +49,9 @@ from vlforge.weights.importing import load_init_weights
 STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR2: "preempted"}
 
 
+NO_STEP = 2**62  # ``first_nonfinite`` while every loss was finite
+
+
 class NonFiniteLossError(RunFailed):
     """The loss became NaN or infinite; the run stopped without checkpointing it."""
 
@@ -53,7 +61,7 @@ class TrainState:
     """What loop events receive. Read freely; change only what your plugin owns."""
 
     recipe: Recipe
-    model: VLModel  # unwrapped (not the DDP wrapper)
+    model: VLModel  # not the DDP wrapper (under FSDP: sharded in place)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     progress: Progress
@@ -80,10 +88,14 @@ def select_device() -> torch.device:
     return torch.device("cpu")
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 autocast on CUDA (``auto`` or ``bf16``), bf16 on CPU only if asked."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (``auto`` or ``bf16``), bf16 on CPU only if asked; else nothing."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    """The autocast context factory of ``uses_bf16``; else nothing."""
+    if not uses_bf16(device, precision):
         return nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -160,13 +172,16 @@ class Trainer:
         }
         seed_everything(recipe.seed + 1000 * dist.rank())  # per-rank randomness from here on
         self.stream = make_stream(self.data, self.micro_batch, recipe.seed, train.num_workers)
-        self.wrapped: nn.Module = model
-        if world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.wrapped: nn.Module = parallel.apply(model, recipe, self.device, world)  # what the step calls
         lr = recipe.optim.lr * (train.batch_size / 256 if recipe.optim.lr_scaling == "per256" else 1)
         groups = [group | {"lr": lr * group["lr_scale"]} for group in parameter_groups(model, recipe.optim)]
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=recipe.optim.betas, eps=recipe.optim.eps)
+        optimizer = torch.optim.AdamW(
+            parallel.split_sharded(groups),
+            lr=lr,
+            betas=recipe.optim.betas,
+            eps=recipe.optim.eps,
+            **parallel.optimizer_options(self.device),
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, train.steps, recipe.schedule)
         )
@@ -182,6 +197,8 @@ class Trainer:
         for name, module in model.named_modules():
             plugins.register_component(module, f"component:{name or 'model'}")
         plugins.register_component(self.data, "component:data")  # e.g. logs data/skipped_* counters
+        # The first step whose loss was not finite, on the device (NO_STEP: none yet).
+        self.first_nonfinite = torch.full((), NO_STEP, dtype=torch.long, device=self.device)
 
     def _eval_context(self, table: Any) -> BuildContext:
         """The run's context, with ``parts["data"]`` built from the evaluator's own data table if any."""
@@ -269,8 +286,7 @@ class Trainer:
                 host_batch = self.stream.next()
                 self.timer.count(host_batch)
                 batch = to_device(host_batch, self.device)
-            last = micro == accum - 1
-            sync = nullcontext() if last or state.world_size == 1 else self.wrapped.no_sync()
+            sync = parallel.gradient_sync(self.wrapped, enabled=micro == accum - 1)
             with sync, self.timer.phase("compute"):
                 with self.autocast():
                     loss, terms = self.wrapped(batch, self.progress)
@@ -281,8 +297,8 @@ class Trainer:
         self.plugins.call("vlforge_after_backward", state=state)
         with self.timer.phase("optimizer"):
             if self.recipe.train.grad_clip:
-                sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                    self.model.parameters(), self.recipe.train.grad_clip
+                sums["grad_norm"] = parallel.clip_grad_norm(
+                    list(self.model.parameters()), self.recipe.train.grad_clip
                 )
             state.optimizer.step()
             state.scheduler.step()
@@ -291,17 +307,25 @@ class Trainer:
         self.progress.samples_seen += self.recipe.train.batch_size
         self.progress.epoch = self.stream.epoch
         self.plugins.call("vlforge_after_optimizer_step", state=state)
+        bad = ~torch.isfinite(sums["loss"])  # on the device: no sync
+        self.first_nonfinite = torch.where(
+            bad & (self.first_nonfinite == NO_STEP), self.progress.step, self.first_nonfinite
+        )
         self.timer.end_step()
         return sums
 
-    def should_stop(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """(stop requested on any rank, loss non-finite on any rank), agreed by all ranks."""
-        flags = torch.tensor(
-            [self.stop_status is not None, not torch.isfinite(loss).item()], dtype=torch.float32
-        )
-        if self.state.world_size > 1:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+    def stop_requested(self) -> bool:
+        """A stop signal arrived on any rank; agreed on the host (the group's CPU backend), no device sync."""
+        if self.state.world_size == 1:
+            return self.stop_status is not None
+        flag = torch.tensor([self.stop_status is not None], dtype=torch.uint8)
+        return bool(dist.all_reduce(flag, op="max", on_host=True))
+
+    def check_finite(self, sums: dict[str, torch.Tensor]) -> None:
+        """Raise ``NonFiniteLossError`` if any rank saw a non-finite loss (one host sync)."""
+        first = int(dist.all_reduce(self.first_nonfinite, op="min"))
+        if first != NO_STEP:
+            raise NonFiniteLossError(self._nonfinite_message(first, sums))
 
     def evaluate(self, names: list[str] | None = None) -> dict[str, dict[str, float]]:
         """Run the evaluators (``names``, default all) on every rank; each rank embeds its share.
@@ -352,11 +376,13 @@ class Trainer:
             started = (window[0], self.progress.step)
             while self.progress.step < train.steps:
                 sums = self.train_step()
-                stop, nonfinite = self.should_stop(sums["loss"])
-                if nonfinite:
-                    raise NonFiniteLossError(self._nonfinite_message(sums))
+                stop = self.stop_requested()
                 step = self.progress.step
-                if step % train.log_every == 0 or step == train.steps:
+                logs = step % train.log_every == 0 or step == train.steps
+                saves = train.checkpoint_every and step % train.checkpoint_every == 0
+                if logs or saves or stop:  # nothing non-finite is logged or checkpointed
+                    self.check_finite(sums)
+                if logs:
                     metrics = self.log(sums, window)
                     window = (time.perf_counter(), self.progress.samples_seen)
                     self._progress_line(metrics, started, bar)
@@ -372,7 +398,7 @@ class Trainer:
                     break
                 if train.eval_every and step % train.eval_every == 0 and step < train.steps:
                     self.evaluate()
-                if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
+                if saves and step < train.steps:
                     self.save()
             self.save()  # before the final evaluation: a failing evaluator never loses the training
             if status == "completed" and self.evaluators:
@@ -399,11 +425,14 @@ class Trainer:
         )
         progress_line(text, to_terminal=bar.disable or not sys.stderr.isatty())
 
-    def _nonfinite_message(self, sums: dict[str, torch.Tensor]) -> str:
+    def _nonfinite_message(self, first: int, sums: dict[str, torch.Tensor]) -> str:
         terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(sums.items()))
         last = ckpt.latest_checkpoint(self.state.run_dir)
         kept = f"last good checkpoint: {last}" if last else "no checkpoint was written before it"
-        return f"non-finite loss at step {self.progress.step} ({terms}); training stopped, {kept}"
+        return (
+            f"non-finite loss at step {first} (at step {self.progress.step}: {terms}); "
+            f"training stopped, {kept}"
+        )
 
     def _progress_bar(self):
         from tqdm.auto import tqdm

@@ -20,9 +20,9 @@ teacher parameters by dtype, gradients, AdamW's two moments and step counters, b
 bucket copy (none with ``gradient_as_bucket_view``) or, with ``train.parallel = "fsdp"``, a
 1/world shard of all of it plus the all-gathered root and two shard units in the compute dtype.
 
-Estimated, not computed: the backward working set (2 × the largest saved tensor), the shard
-units of parts without ``shard_units()`` (the children of their largest ``ModuleList``), and the
-step time (FLOPs / (peak × MFU), both from the cluster profile, MFU default ``DEFAULT_MFU``).
+FSDP's units are those the engine shards (``vlforge.parallel.shard_units``; parts without
+``shard_units()`` go with the root). Estimated, not computed: the backward working set (2 × the
+largest saved tensor) and the step time (FLOPs / (peak × MFU), both from the cluster profile, MFU default ``DEFAULT_MFU``).
 Autocast is CPU autocast's (CUDA's keeps LayerNorm and softmax outputs in fp32: a few % more).
 """
 
@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from vlforge.parallel import shard_units
 
 if TYPE_CHECKING:
     from vlforge.launch.profiles import ClusterProfile
@@ -276,20 +278,6 @@ def profile_pass(
 
 
 # --------------------------------------------------------------------------- static memory
-
-
-def shard_units(model: VLModel) -> list[nn.Module]:
-    """Every part's shard units (``shard_units()``), else the children of its largest ModuleList."""
-    units: list[nn.Module] = []
-    for _, part in model.named_children():
-        if hasattr(part, "shard_units"):
-            units += part.shard_units()
-            continue
-        lists = [m for m in part.modules() if isinstance(m, nn.ModuleList) and len(m)]
-        if lists:
-            largest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-            units += list(largest)
-    return units
 
 
 def parameter_bytes(model: VLModel, frozen_dtype: str) -> dict[str, int]:

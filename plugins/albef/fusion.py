@@ -16,7 +16,7 @@ bias) lives here too, so the momentum teacher copies it with the fusion layers;
 the decoder weight stays tied to the text encoder's word embeddings by being
 passed in at call time.
 
-Shapes: B batch, L text length, T image tokens, D text width, Dv image width, M masked tokens, V vocab.
+Shapes: B batch, L text length, T image tokens, D text width, Dv image width, N scored tokens, V vocab.
 """
 
 from __future__ import annotations
@@ -143,6 +143,10 @@ class BertFusion(nn.Module):
             self.mlm_transform.apply(lambda module: bert_init(module, config.initializer_range))
             self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
 
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP/compile units (``ShardUnitsLike``): the fusion layers (the MLM head stays with the root)."""
+        return list(self.layers)
+
     def forward(
         self, text_tokens: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor
     ) -> torch.Tensor:
@@ -158,14 +162,14 @@ class BertFusion(nn.Module):
         return x
 
     def mlm_logits(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        """hidden (M,D), the text encoder's word embeddings (V,D) as the tied decoder -> (M,V) fp32.
+        """hidden (N,D), the text encoder's word embeddings (V,D) as the tied decoder -> (N,V) fp32.
 
         The decoder runs in fp32 even under autocast: these logits feed the
-        distillation softmax, and M (the masked tokens only) keeps it cheap.
+        distillation softmax.
         """
         if self.mlm_transform is None:
             raise RuntimeError("albef.fusion was built with mlm_head = false")
-        transformed = self.mlm_transform(hidden)  # (M,D)
+        transformed = self.mlm_transform(hidden)  # (N,D)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return F.linear(transformed.float(), word_embeddings.float(), self.mlm_bias.float())
 

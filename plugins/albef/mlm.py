@@ -6,9 +6,10 @@ token drawn uniformly from the whole vocabulary and 10% stay as they are.
 Labels are the original ids at picked positions and −100 elsewhere.
 
 The masked caption runs through the text encoder and the fusion encoder
-(attending to the student's image tokens); the MLM head scores only the picked
-positions (the same loss as scoring all of them, at a fraction of the
-vocabulary-sized work). With α > 0 the momentum teacher does the same on the
+(attending to the student's image tokens); the MLM head scores every position
+and the loss counts the picked ones (as the original BertForMaskedLM does:
+selecting the picked rows first would need their count on the host, a
+host-device sync every step). With α > 0 the momentum teacher does the same on the
 same masked ids with its own, unmasked, image tokens, and
 
     L = (1−α)·CE(z, labels) + α·mean_picked[−Σ_v softmax(z')_v·log_softmax(z)_v],
@@ -63,14 +64,18 @@ def mask_tokens(
 def mlm_loss(
     logits: torch.Tensor, labels: torch.Tensor, teacher_probs: torch.Tensor | None, alpha: float
 ) -> torch.Tensor:
-    """logits (M,V) at the M picked positions, labels (M,), teacher softmax (M,V) or None -> scalar, fp32."""
+    """logits (N,V), labels (N,) (−100 where not picked), teacher softmax (N,V) or None -> scalar, fp32.
+
+    Both terms are averaged over the picked positions, counted on the device.
+    """
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logits = logits.float()
-        picked = max(labels.numel(), 1)
-        hard = F.cross_entropy(logits, labels, reduction="sum") / picked
+        picked = labels != IGNORE  # (N,)
+        count = picked.sum().clamp(min=1)
+        hard = F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE) / count
         if teacher_probs is None or alpha == 0:
             return hard
-        soft = soft_cross_entropy(logits, teacher_probs).sum() / picked
+        soft = (soft_cross_entropy(logits, teacher_probs) * picked).sum() / count
         return (1 - alpha) * hard + alpha * soft
 
 
@@ -80,11 +85,10 @@ def masked_logits(
     masked_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     image_tokens: torch.Tensor,
-    picked: torch.Tensor,
 ) -> torch.Tensor:
-    """Text encoder, fusion with the image, MLM head at the picked (B,L) positions -> (M, V)."""
+    """Text encoder, fusion with the image, MLM head at every position -> (B·L, V)."""
     tokens = text(masked_ids, attention_mask).tokens  # (B,L,D)
-    hidden = fusion(tokens, attention_mask, image_tokens)[picked]  # (M,D)
+    hidden = fusion(tokens, attention_mask, image_tokens).flatten(0, 1)  # (B·L, D)
     return fusion.mlm_logits(hidden, text.model.get_input_embeddings().weight)
 
 
@@ -118,11 +122,8 @@ class MaskedLanguageModelling(nn.Module):
             never_mask=self.never_mask,
             probability=self.probability,
         )
-        picked = labels != IGNORE  # (B,L)
         model = step.model
-        logits = masked_logits(
-            model.text, model.fusion, masked_ids, attention_mask, step.image.tokens, picked
-        )
+        logits = masked_logits(model.text, model.fusion, masked_ids, attention_mask, step.image.tokens)
         alpha = self.current_alpha(step.progress)
         teacher_probs = None
         if alpha > 0:
@@ -134,10 +135,9 @@ class MaskedLanguageModelling(nn.Module):
                     masked_ids,
                     attention_mask,
                     teacher.image(step).tokens,
-                    picked,
                 )
                 teacher_probs = teacher_logits.float().softmax(dim=-1)
-        return {"mlm": mlm_loss(logits, labels[picked], teacher_probs, alpha)}
+        return {"mlm": mlm_loss(logits, labels.flatten(), teacher_probs, alpha)}
 
     def current_alpha(self, progress: Progress) -> float:
         return alpha_at(progress, self.alpha, self.alpha_warmup_epochs)

@@ -183,17 +183,28 @@ class FlamingoLM(nn.Module):
 
     def mask_embedding_grad(self) -> None:
         """Zero the gradient of every input-embedding row but ``<image>`` and ``<|endofchunk|>``."""
-        grad = self.lm.get_input_embeddings().weight.grad
-        if grad is not None:
-            grad[self.frozen_rows] = 0
+        grad = self.lm.get_input_embeddings().weight.grad  # (V, D), or this rank's rows of it under FSDP
+        if grad is None:
+            return
+        rows = self.frozen_rows  # (V,)
+        if hasattr(grad, "to_local"):  # a DTensor: mask the rows this rank holds
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            mesh, placements = grad.device_mesh, grad.placements
+            shape, offset = compute_local_shape_and_global_offset(grad.shape, mesh, placements)
+            grad, rows = grad.to_local(), rows[offset[0] : offset[0] + shape[0]]
+        grad.masked_fill_(rows[:, None], 0)  # no boolean indexing: no host sync
 
     @hookimpl
     def vlforge_after_backward(self, state: TrainState) -> None:
         self.mask_embedding_grad()
 
-    def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
-        """Module classes to shard as FSDP units: the LM's decoder layers and the gated blocks."""
-        return {type(find_decoder_layers(self.lm)[0]), GatedCrossAttentionBlock}
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP/compile units (``ShardUnitsLike``): each decoder layer and each gated block.
+
+        The tied input/output embeddings stay outside every unit, with the root: one unit.
+        """
+        return [*find_decoder_layers(self.lm), *self.xattn]
 
 
 def enable_lm_checkpointing(lm: nn.Module, layers: nn.ModuleList) -> None:

@@ -110,6 +110,10 @@ class PerceiverResampler(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP/compile units (``ShardUnitsLike``): each layer's attention and feed-forward."""
+        return [module for layer in self.layers for module in layer]
+
     def forward(self, media: torch.Tensor) -> torch.Tensor:
         """(B,T,F,v,d) -> (B,T,n,d); any v, T up to ``max_media`` and F up to ``max_frames`` if set."""
         batch, num_media, num_frames = media.shape[:3]

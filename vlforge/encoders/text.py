@@ -45,9 +45,10 @@ class HFText(nn.Module):
         self.max_length = max_length
         self.pool_type = pool
         self.proj = nn.Linear(self.width, embed_dim, bias=False) if embed_dim else None
+        self.causal = any(getattr(module, "is_causal", False) for module in model.modules())
 
     def shard_units(self) -> list[nn.Module]:
-        """The transformer layers this tower runs, in forward order (ShardUnitsLike)."""
+        """FSDP/compile units (``ShardUnitsLike``): the transformer layers that run here."""
         return list(_layer_stack(self.model))
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -82,11 +83,33 @@ class HFText(nn.Module):
         return F.normalize(self.proj(pooled), dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
-        tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B,L,D)
+        mask = prepared_mask(attention_mask, self.model.config._attn_implementation, self.causal)
+        tokens = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B,L,D)
         pooled = self.pool(tokens, attention_mask)
         return TextOutput(
             tokens=tokens, pooled=pooled, embedding=self.project(pooled), attention_mask=attention_mask
         )
+
+
+def prepared_mask(attention_mask: torch.Tensor, implementation: str, causal: bool) -> torch.Tensor:
+    """(B,L) padding mask -> the 4-D mask transformers uses as it is, for SDPA and eager attention.
+
+    Given a 2-D mask, transformers first asks whether it holds any padding
+    (``mask.all()``, a host-device sync every step) to skip the mask when not.
+    A prepared mask skips that question: (B,1,1,L) bool for SDPA, an additive
+    fp32 bias for eager, (B,1,L,L) with the causal pattern for decoder models.
+    Other implementations (flash attention) take the 2-D mask.
+    """
+    if implementation not in ("sdpa", "eager"):
+        return attention_mask
+    allowed = attention_mask.bool()[:, None, None, :]  # (B,1,1,L)
+    if causal:
+        length = attention_mask.shape[1]
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=allowed.device).tril()
+    if implementation == "sdpa":
+        return allowed
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+    return bias.masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
 def build_hf_text(config: HFTextConfig, meta: bool = False) -> HFText:

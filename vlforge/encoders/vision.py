@@ -46,7 +46,7 @@ class TimmViT(nn.Module):
         self.proj = nn.Linear(self.width, embed_dim, bias=False) if embed_dim else None
 
     def shard_units(self) -> list[nn.Module]:
-        """The transformer blocks in forward order (ShardUnitsLike)."""
+        """FSDP/compile units (``ShardUnitsLike``): the transformer blocks."""
         return list(self.vit.blocks)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

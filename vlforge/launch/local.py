@@ -13,6 +13,8 @@ import socket
 from vlforge.errors import RunFailed
 from vlforge.launch.worker import RunJob, run_job
 
+FAILURE_GRACE_S = 30.0
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -20,7 +22,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _spawned_rank(local_rank: int, job: RunJob, world_size: int, port: int) -> None:
+def set_rank_environment(local_rank: int, world_size: int, port: int) -> None:
+    """The variables ``init_process_group`` reads, for rank ``local_rank`` of a run on this machine."""
     os.environ.update(
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),
@@ -28,6 +31,10 @@ def _spawned_rank(local_rank: int, job: RunJob, world_size: int, port: int) -> N
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _spawned_rank(local_rank: int, job: RunJob, world_size: int, port: int) -> None:
+    set_rank_environment(local_rank, world_size, port)
     run_job(job)  # the status is read back from the run directory by the parent
 
 
@@ -39,7 +46,11 @@ def launch_local(job: RunJob, nproc: int) -> str:
     import torch.multiprocessing as mp
 
     try:
-        mp.spawn(_spawned_rank, args=(job, nproc, free_port()), nprocs=nproc, join=True)
+        ranks = mp.spawn(_spawned_rank, args=(job, nproc, free_port()), nprocs=nproc, join=False)
+        # When a rank fails the others stop by themselves within seconds (they are told through
+        # the store); the grace period lets rank 0 close the run with the error before any kill.
+        while not ranks.join(grace_period=FAILURE_GRACE_S):
+            pass
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         status = _status_of(job)
         reason = status.get("reason") or str(exc)

@@ -37,22 +37,36 @@ class RunJob:
         return f"{self.root.rstrip('/')}/{self.experiment}/{self.run_id}"
 
 
-def init_process_group() -> None:
-    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, if any."""
+def init_process_group(timeout_s: int = 1800) -> None:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, if any.
+
+    On GPUs the group is ``cuda:nccl,cpu:gloo``: NCCL for tensors, gloo for object
+    collectives and barriers. A collective that waits longer than ``timeout_s``
+    (``launch.collective_timeout_s``) fails the run instead of hanging it.
+    """
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
+
+    from vlforge import distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or dist.is_initialized():
         return
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(
+        backend=distributed.process_group_backend(cuda), timeout=timedelta(seconds=timeout_s)
+    )
+    if distributed.guard_requested():
+        distributed.install_collective_guard()
+    distributed.watch_peer_failures()
 
 
 def run_job(job: RunJob) -> str:
     """Train ``job`` on this rank; returns the run status."""
-    init_process_group()
     from vlforge import checkpoint as ckpt
     from vlforge import distributed as dist
     from vlforge.engine import Trainer
@@ -61,6 +75,7 @@ def run_job(job: RunJob) -> str:
     from vlforge.runlog import RunLog, progress_line
 
     recipe, plugins = load_recipe(job.recipe_path, job.overrides, job.extra_plugins)
+    init_process_group(recipe.launch.collective_timeout_s)
     if job.evaluate is not None:
         from vlforge.eval.runner import run_evaluation
 
@@ -72,7 +87,7 @@ def run_job(job: RunJob) -> str:
 
                 torch.distributed.destroy_process_group()
     run = _open_run(job, recipe, plugins) if dist.rank() == 0 else None
-    status, reason = "failed", None
+    status, reason, failed = "failed", None, False
     with RunLog(job.run_dir) if run is not None else nullcontext():
         try:
             trainer = Trainer(recipe, plugins, job.run_dir, run)
@@ -82,6 +97,12 @@ def run_job(job: RunJob) -> str:
             status = trainer.fit()
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
+            peer = dist.peer_failure()  # a collective broken by another rank's failure: name that one
+            if peer is not None and not peer.startswith(f"rank {dist.rank()}:"):
+                reason = f"{peer} (this rank then failed with {reason})"
+            else:
+                dist.announce_failure(reason)
+            failed = True
             if is_disk_full(exc):  # one message naming the disk and the path, no traceback
                 reason = f"disk full: {disk_full_message(exc, job.run_dir)}"
                 resume = f"vlforge run RECIPE --resume {job.run_id}"
@@ -95,7 +116,7 @@ def run_job(job: RunJob) -> str:
                 )
                 run.close(status, reason)
                 _refresh_index(job.root)
-            if dist.is_distributed():
+            if dist.is_distributed() and not failed:  # after a failure, peers may never join a teardown
                 import torch.distributed
 
                 torch.distributed.destroy_process_group()

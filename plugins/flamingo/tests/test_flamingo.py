@@ -277,7 +277,9 @@ def test_blocks_go_before_every_nth_decoder_layer(every, layers):
     assert fusion.xattn_layers == layers and len(fusion.xattn) == len(layers)
     hooked = [i for i, layer in enumerate(find_decoder_layers(fusion.lm)) if layer._forward_pre_hooks]
     assert hooked == layers
-    assert {cls.__name__ for cls in fusion.fsdp_wrap_classes()} == {"GPT2Block", "GatedCrossAttentionBlock"}
+    units = fusion.shard_units()
+    expected = ["GPT2Block"] * 4 + ["GatedCrossAttentionBlock"] * len(layers)
+    assert [type(unit).__name__ for unit in units] == expected
 
 
 # --------------------------------------------------------------------------- 6. freezing
