@@ -22,7 +22,8 @@ bucket copy (none with ``gradient_as_bucket_view``) or, with ``train.parallel = 
 
 FSDP's units are those the engine shards (``vlforge.parallel.shard_units``; parts without
 ``shard_units()`` go with the root). Estimated, not computed: the backward working set (2 × the
-largest saved tensor) and the step time (FLOPs / (peak × MFU), both from the cluster profile, MFU default ``DEFAULT_MFU``).
+largest saved tensor) and the step time (FLOPs / (peak × MFU), both from the cluster profile,
+MFU default ``DEFAULT_MFU``).
 Autocast is CPU autocast's (CUDA's keeps LayerNorm and softmax outputs in fp32: a few % more).
 """
 
