@@ -10,7 +10,7 @@ collectives and barriers use the group's CPU backend (gloo), which is why the
 group is created as ``cuda:nccl,cpu:gloo`` on GPUs (``process_group_backend``).
 
 ``install_collective_guard`` (on when ``VLFORGE_CHECK_COLLECTIVES=1``) makes a
-collective called from vlforge or plugin code that bypasses this module raise,
+collective called from outside torch (vlforge, plugins) that bypasses this module raise,
 so tests on gloo catch what would only fail under NCCL.
 
 Two gathers with different semantics (methods.md §1.2):
@@ -118,7 +118,7 @@ def _guarded(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(call)
     def check(*args: Any, **kwargs: Any) -> Any:
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        if caller != __name__ and caller.split(".")[0] in ("vlforge", "vlforge_plugins"):
+        if caller != __name__ and caller.split(".")[0] != "torch":  # torch's own DDP/FSDP may
             raise CollectiveDeviceError(
                 f"{caller} calls torch.distributed.{name} directly; use vlforge.distributed "
                 "(it places tensors on the process group's device)"
@@ -130,7 +130,7 @@ def _guarded(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def install_collective_guard() -> None:
-    """Make direct torch.distributed collectives from vlforge/plugin code raise (idempotent)."""
+    """Make direct torch.distributed collectives from code outside torch raise (idempotent)."""
     for name in GUARDED:
         call = getattr(dist, name)
         if not getattr(call, "__vlforge_guard__", False):
