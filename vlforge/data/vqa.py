@@ -136,7 +136,7 @@ class VQASource:
         for split, spec in config.splits.items():  # a missing file fails here, before any training
             for url in expand_urls(spec):
                 if "://" not in url and not Path(url).is_file():
-                    raise UserError(f"VQA split '{split}': no file '{url}'")
+                    raise UserError(f"data.splits.{split}: no VQA file '{url}'")
 
     @classmethod
     def from_context(cls, config: VQAConfig, ctx: BuildContext) -> VQASource:

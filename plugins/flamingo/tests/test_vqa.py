@@ -11,6 +11,7 @@ from PIL import Image
 from vlforge_plugins.flamingo import fewshot
 from vlforge_plugins.flamingo.metrics import normalize_vqa_answer, vqa_accuracy, vqa_answer_of
 
+from vlforge.cli import main
 from vlforge.data import VQAConfig
 from vlforge.data.vqa import VQASource
 from vlforge.engine import Trainer
@@ -78,7 +79,7 @@ def test_vqa_files_jsonl_with_bad_lines_and_the_official_pair(tmp_path, caplog):
     (official,) = source.dataset("official").raws
     assert official.image_url == f"{tmp_path}/val2014/COCO_val2014_000000000042.jpg"
     assert official.answers == ("because",) * 10 and official.question == "Why?"
-    with pytest.raises(UserError, match=rf"VQA split 'val': no file '{tmp_path}/missing.jsonl'"):
+    with pytest.raises(UserError, match=rf"data.splits.val: no VQA file '{tmp_path}/missing.jsonl'"):
         VQASource(VQAConfig(splits={"val": str(tmp_path / "missing.jsonl")}), pipeline=None)
 
 
@@ -122,8 +123,14 @@ def test_fewshot_vqa_on_a_vqa_file_scores_every_question_against_its_answers(tmp
     assert zero_shot_text.count("<image>") == 1 and zero_shot_images.shape[0] == 1  # text-only examples
 
 
-def test_vqa_evaluator_data_is_checked_before_training(tmp_path):
+def test_vqa_evaluator_data_is_checked_before_training(tmp_path, monkeypatch, capsys):
     path = write_vqa_split(tmp_path)
+    monkeypatch.setenv("VLFORGE_RUNS", str(tmp_path / "runs"))
+    missing = vqa_table(path)[:-1] + [
+        f'evaluators.vqav2.data.splits={{val = "{path}", train = "/nope/t.jsonl"}}'
+    ]
+    assert main(["run", str(TINY), *SMALL, *missing]) == 2  # when the run builds, before any step
+    assert "error: data.splits.train: no VQA file '/nope/t.jsonl'" in capsys.readouterr().err
     with pytest.raises(RecipeError) as info:
         load_recipe(TINY, [*SMALL, *vqa_table(path, 'evaluators.vqav2.support_split="test"')])
     found = {problem.key: problem.message for problem in info.value.problems}
