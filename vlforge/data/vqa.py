@@ -98,17 +98,18 @@ def _record_problem(record: Any) -> str | None:
     return None
 
 
-def read_official_pair(questions_url: str, annotations_url: str, image_root: str) -> list[Question]:
-    """The official VQAv2 questions and annotations files, joined by question id."""
+def read_official_pair(first_url: str, second_url: str, image_root: str) -> list[Question]:
+    """The official VQAv2 questions and annotations files (in either order), joined by question id."""
     try:
-        questions = json.loads(_read_json(questions_url))
-        annotations = json.loads(_read_json(annotations_url))
+        questions, annotations = (json.loads(_read_json(url)) for url in (first_url, second_url))
+        if "questions" not in questions:
+            questions, annotations = annotations, questions
         subtype = questions["data_subtype"]
         answers = {
             ann["question_id"]: tuple(a["answer"] for a in ann["answers"])
             for ann in annotations["annotations"]
         }
-        root = image_root or parent_url(questions_url)
+        root = image_root or parent_url(first_url)
         return [
             Question(
                 str(q["question_id"]),
@@ -121,7 +122,7 @@ def read_official_pair(questions_url: str, annotations_url: str, image_root: str
         ]
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(
-            f"VQA files {questions_url} + {annotations_url}: not the official VQAv2 questions and "
+            f"VQA files {first_url} + {second_url}: not the official VQAv2 questions and "
             f"annotations pair ({type(exc).__name__}: {exc})"
         ) from None
 

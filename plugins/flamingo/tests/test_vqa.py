@@ -68,7 +68,7 @@ def test_vqa_files_jsonl_with_bad_lines_and_the_official_pair(tmp_path, caplog):
     (tmp_path / "q.json").write_text(json.dumps(questions))
     (tmp_path / "a.json").write_text(json.dumps(annotations))
     config = VQAConfig(
-        splits={"val": str(jsonl), "official": [str(tmp_path / "q.json"), str(tmp_path / "a.json")]},
+        splits={"val": str(jsonl), "official": [str(tmp_path / "a.json"), str(tmp_path / "q.json")]},
         image_root=str(tmp_path),
     )
     source = VQASource(config, pipeline=lambda data: data)  # the pipeline is not under test here
