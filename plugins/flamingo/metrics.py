@@ -135,12 +135,17 @@ CONTRACTIONS = {
 
 def normalize_vqa_answer(text: str) -> str:
     """The official VQA normalisation: "The Two dogs!" -> "2 dogs", "dont" -> "don't", "1,000" -> "1000"."""
+    original = text  # as in the official code, every mark's test reads the input, not the output
     for mark in PUNCTUATION:
-        spaced = mark + " " in text or " " + mark in text or COMMA_BETWEEN_DIGITS.search(text)
-        text = text.replace(mark, "" if spaced else " ")  # sic: the test reads the unpunctuated input
+        spaced = mark + " " in original or " " + mark in original or COMMA_BETWEEN_DIGITS.search(original)
+        text = text.replace(mark, "" if spaced else " ")
     text = PERIOD_NOT_IN_NUMBER.sub("", text)
     words = [NUMBER_WORDS.get(word, word) for word in text.lower().split()]
     return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def vqa_accuracy(prediction: str, answers: list[str]) -> float:
@@ -150,8 +155,8 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     As the official evaluation does, answers and prediction are normalised only when the
     annotators disagree (their answers are normalised already when all agree).
     """
-    answers = [" ".join(answer.split()) for answer in answers]
-    prediction = " ".join(prediction.split())
+    answers = [_one_line(answer) for answer in answers]
+    prediction = _one_line(prediction)
     if len(set(answers)) > 1:
         answers = [normalize_vqa_answer(answer) for answer in answers]
         prediction = normalize_vqa_answer(prediction)

@@ -44,6 +44,8 @@ def test_vqa_soft_accuracy_equals_hand_computed_values():
     assert normalize_vqa_answer("an apple.") == "apple"
     assert normalize_vqa_answer("dont know") == "don't know"
     assert normalize_vqa_answer("1,000") == "1000" and normalize_vqa_answer("3.5") == "3.5"
+    assert normalize_vqa_answer("black/white") == "black white"  # a mark between words: a space
+    assert normalize_vqa_answer("it's 10:30 a.m.") == "it's 10:30 am"  # ':' and "'" are kept
     # 3 of 10 said "2", 7 said "3": leaving out a "2" leaves 2 matches (2/3), out of the rest 3 (1).
     assert vqa_accuracy("two", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
     assert vqa_accuracy("Two.", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.3 * 2 / 3 + 0.7)
