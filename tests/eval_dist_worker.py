@@ -6,6 +6,7 @@ query batches) does not divide evenly over two ranks, so one rank runs a padding
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -55,9 +56,25 @@ CASES = {
             "evaluators.caption.num_queries=5",
             "evaluators.caption.batch_size=2",
             "evaluators.caption.max_new_tokens=4",
+            # VQAv2-style few-shot on a VQA file (write_vqa_file): 5 questions in batches of 2.
+            'evaluators.vqav2={type="flamingo.fewshot", task="vqa", source="data", shots=[0, 2], '
+            'batch_size=2, max_new_tokens=3, data={type="vqa", splits={val="$OUT/vqa.jsonl", '
+            'train="$OUT/vqa.jsonl"}}}',
         ],
     ),
 }
+
+
+def write_vqa_file(out_dir: Path) -> None:
+    """``$OUT/vqa.jsonl``: a question on each of 5 shapes JPEGs, its 10 answers from the caption's words."""
+    from vlforge.data.pack import write_shapes_folder
+
+    lines = []
+    for path in write_shapes_folder(out_dir / "vqa_images", 5, image_size=32):
+        words = path.with_suffix(".txt").read_text().split()
+        answers = [words[1]] * 6 + words[2:6]  # a majority and four others
+        lines.append(json.dumps({"image": str(path), "question": "What is it?", "answers": answers}))
+    (out_dir / "vqa.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def evaluate_cases(run_dir: str) -> dict[str, dict[str, dict[str, float]]]:
@@ -66,6 +83,7 @@ def evaluate_cases(run_dir: str) -> dict[str, dict[str, dict[str, float]]]:
 
     results = {}
     for case, (recipe_name, overrides) in CASES.items():
+        overrides = [override.replace("$OUT", run_dir) for override in overrides]
         recipe, plugins = load_recipe(RECIPES / recipe_name, [*COMMON, *overrides])
         results[case] = Trainer(recipe, plugins, f"{run_dir}/{case}").evaluate()
     return results

@@ -1,8 +1,8 @@
 """Evaluation on every rank: 2 real gloo ranks return exactly what one process returns.
 
-Retrieval, zero-shot, ALBEF's ITM re-ranking and Flamingo's few-shot generation each split
-their work over the ranks (whole batches, one rank padding) and gather it
-(``vlforge.eval.shards``); the metrics must be equal, not merely close.
+Retrieval, zero-shot, ALBEF's ITM re-ranking and Flamingo's few-shot generation (captioning, VQA
+on generated shapes and on a VQA file) each split their work over the ranks (whole batches, one
+rank padding) and gather it (``vlforge.eval.shards``); the metrics must be equal, not merely close.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def test_two_rank_evaluation_equals_one_rank(tmp_path, monkeypatch):
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     worker = importlib.import_module("eval_dist_worker")
+    worker.write_vqa_file(tmp_path)
     for world in (1, 2):
         mp.spawn(worker.run, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     one = torch.load(tmp_path / "world1_rank0.pt")
@@ -36,5 +37,6 @@ def test_two_rank_evaluation_equals_one_rank(tmp_path, monkeypatch):
     assert {"itm_i2t_r1", "itm_t2i_r10", "i2t_r1"} <= set(one["albef"]["retrieval"])
     assert {"0shot_accuracy", "2shot_accuracy"} <= set(one["flamingo"]["vqa"])
     assert {"0shot_cider", "2shot_cider"} <= set(one["flamingo"]["caption"])
+    assert set(one["flamingo"]["vqav2"]) == {"0shot_vqa_accuracy", "2shot_vqa_accuracy", "skipped_lines"}
     assert two[0] == one  # every metric of every evaluator, exactly
     assert two[1] == one  # and every rank returns it

@@ -14,7 +14,8 @@ Components:
   ``data.make_pair_collate``/``make_document_collate`` format the core
   ``webdataset``/``interleaved`` readers' examples (LAION, MMC4);
 * evaluator ``flamingo.fewshot``: k-shot captioning (CIDEr, exact match) or
-  VQA (exact match) with cached-media greedy generation.
+  VQA (exact match on shapes, VQAv2 soft accuracy on a ``vqa`` dataset) with
+  cached-media greedy generation.
 
 This module stays light (no torch import); the modules live in
 ``resampler.py``, ``xattn.py``, ``lm.py``, ``objective.py``, ``data.py``,
@@ -168,7 +169,7 @@ class ShapesDataConfig(ComponentConfig):
 
 
 class FewShotConfig(ComponentConfig):
-    """``[evaluators.<name>] type = "flamingo.fewshot"``: k-shot captioning or VQA on generated shapes."""
+    """``[evaluators.<name>] type = "flamingo.fewshot"``: k-shot captioning or VQA (shapes or data)."""
 
     task: Literal["caption", "vqa"] = Field("vqa", description="'caption' (CIDEr, exact match) or 'vqa'")
     shots: list[int] = Field(default_factory=lambda: [0, 4], description="in-context examples per prompt")
@@ -176,7 +177,9 @@ class FewShotConfig(ComponentConfig):
     num_queries: int = Field(64, gt=0, description="held-out images evaluated (source 'data': at most)")
     split: str = Field("val", description="split the queries come from (shapes: val or test)")
     source: Literal["shapes", "data"] = Field(
-        "shapes", description="'shapes': generated; 'data': the evaluator's data splits (captioning)"
+        "shapes",
+        description="'shapes': generated; 'data': the evaluator's data splits (caption: captions, "
+        "vqa: a 'vqa' dataset)",
     )
     support_split: str = Field("train", description="source 'data': split the in-context examples come from")
     max_new_tokens: int | None = Field(None, gt=0, description="default: 20 for captions, 5 for vqa")
@@ -188,11 +191,26 @@ class FewShotConfig(ComponentConfig):
     def _shots(self) -> FewShotConfig:
         if not self.shots or min(self.shots) < 0:
             raise ValueError(f"shots must be non-negative and not empty, got {self.shots}")
-        if self.source == "data" and self.task != "caption":
-            raise ValueError("source 'data' evaluates captioning only (task = 'caption')")
         if self.source == "shapes" and self.split not in ("val", "test"):
             raise ValueError(f"generated shapes have splits val and test, not '{self.split}'")
         return self
+
+    def data_problems(self, data: Any, data_type: str) -> list[tuple[str, str]]:
+        """(key, problem) of ``source = "data"``: the splits exist, and VQA reads a ``vqa`` dataset."""
+        if self.source != "data":
+            return []
+        from vlforge.eval import split_problems
+
+        problems = split_problems(self.split, data, data_type)
+        problems += [
+            ("support_split", message) for _, message in split_problems(self.support_split, data, data_type)
+        ]
+        if (self.task == "vqa") != (data_type == "vqa"):
+            wanted = "a 'vqa' dataset (questions and answers)" if self.task == "vqa" else "captions"
+            problems.append(
+                ("data", f"task '{self.task}' on data needs {wanted}, not data type '{data_type}'")
+            )
+        return problems
 
 
 # --------------------------------------------------------------------------- factories

@@ -1,4 +1,4 @@
-"""``flamingo.fewshot``: k-shot captioning and VQA on held-out generated shapes.
+"""``flamingo.fewshot``: k-shot captioning and VQA on generated shapes or on real data (COCO, VQAv2).
 
 Prompts follow OpenFlamingo's layout in the words of the generated data:
 k in-context examples, each ``<image>{text}<|endofchunk|>``, then the query
@@ -12,15 +12,23 @@ k = 0 the prompt holds two text-only examples (no image), as in Flamingo.
 * vqa: ``question : what color is the shape ? answer : red``; reports
   exact-match accuracy and chance (1 / number of answers).
 
-With ``source = "data"`` (captioning only) queries and examples come from the
-evaluator's data instead: a held-out caption file (COCO's Karpathy test split,
-say) gives the query images, each scored by CIDEr-D against all its captions,
-and ``support_split`` the in-context examples (each shown with its first
-caption). Images then get the vision encoder's eval transform.
+With ``source = "data"`` queries and examples come from the evaluator's data
+instead, the query split's first ``num_queries`` items and, for the examples,
+``support_split``; images then get the vision encoder's eval transform.
+
+* caption: a held-out caption file (COCO's Karpathy test split, say); each
+  image is scored by CIDEr-D against all its captions, and each example is
+  shown with its first caption.
+* vqa: a ``vqa`` split (VQAv2); OpenFlamingo's prompt ``<image>Question:{q}
+  Short answer:{a}<|endofchunk|>``, each example with its most frequent answer.
+  The generation is cut as OpenFlamingo cuts it (``vqa_answer_of``) and scored
+  by the official VQAv2 soft accuracy against all its answers, ×100;
+  ``skipped_lines`` counts the query files' bad lines left out.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +36,7 @@ import torch
 from vlforge_plugins.flamingo.data import QA_TEMPLATE, QUESTIONS, normalize_images, tokenize_padded
 from vlforge_plugins.flamingo.generate import greedy_generate
 from vlforge_plugins.flamingo.lm import END_OF_CHUNK, IMAGE_TOKEN
-from vlforge_plugins.flamingo.metrics import cider_d, normalize_answer
+from vlforge_plugins.flamingo.metrics import cider_d, normalize_answer, vqa_accuracy, vqa_answer_of
 
 from vlforge.data.synthetic import ATTRIBUTES, CAPTION_TEMPLATES, ShapesDataset
 from vlforge.eval.shards import eval_mode, gather_list, my_batches
@@ -41,6 +49,7 @@ if TYPE_CHECKING:
 SUPPORT_SIZE = 10_000  # train items the in-context examples are drawn from
 ZERO_SHOT_TEXT_EXAMPLES = 2
 MAX_PROMPT_TOKENS = 1024
+VQA_PROMPT = "Question:{question} Short answer:"  # OpenFlamingo's, for real questions
 
 
 def canonical_caption(item: dict[str, Any]) -> str:
@@ -64,7 +73,8 @@ class ShapesItems:
 
 
 class DataItems:
-    """Queries or examples from a data source's held-out split: ``ImageText`` items with captions."""
+    """Queries or examples from a data source's held-out split: ``ImageText`` items with captions,
+    or ``VQAItem``s (a question and its answers)."""
 
     def __init__(self, dataset: Any, limit: int | None = None) -> None:
         self.dataset, self.length = dataset, min(len(dataset), limit or len(dataset))
@@ -92,7 +102,14 @@ class FewShotEvaluator:
 
     # ------------------------------------------------------------------ prompts
 
+    @property
+    def real_questions(self) -> bool:
+        return self.config.source == "data" and self.config.task == "vqa"
+
     def answer(self, item: Any) -> str:
+        """The text an in-context example shows after its prefix."""
+        if self.real_questions:
+            return Counter(item.answers).most_common(1)[0][0]  # ties: the first given
         if self.config.source == "data":
             return item.captions[0] if item.captions else item.caption
         if self.config.task == "caption":
@@ -101,17 +118,21 @@ class FewShotEvaluator:
         return ATTRIBUTES[attribute][item["labels"][attribute]]
 
     def references(self, item: Any) -> list[str]:
-        """What a prediction for ``item`` is scored against: every caption of a data image."""
+        """What a prediction for ``item`` is scored against: every caption or answer of a data item."""
+        if self.real_questions:
+            return list(item.answers)
         return list(item.captions or (item.caption,)) if self.config.source == "data" else [self.answer(item)]
 
-    def prefix(self) -> str:
-        """What follows the query's ``<image>`` before the generated answer."""
+    def prefix(self, item: Any) -> str:
+        """What follows an item's ``<image>`` before its answer (generated for the query)."""
         if self.config.task == "caption":
             return ""
-        return QA_TEMPLATE.format(question=QUESTIONS[self.config.attribute], answer="").rstrip()
+        if self.real_questions:
+            return VQA_PROMPT.format(question=item.question.strip())
+        return QA_TEMPLATE.format(question=QUESTIONS[self.config.attribute], answer="")
 
-    def example(self, item: dict[str, Any], with_image: bool = True) -> str:
-        text = f"{self.prefix()} {self.answer(item)}".strip()
+    def example(self, item: Any, with_image: bool = True) -> str:
+        text = f"{self.prefix(item)}{self.answer(item)}"
         return f"{IMAGE_TOKEN if with_image else ''}{text}{END_OF_CHUNK}"
 
     def prompt(self, query: Any, examples: list[Any], shots: int, items: Any) -> tuple[str, torch.Tensor]:
@@ -119,7 +140,7 @@ class FewShotEvaluator:
         with_images = shots > 0
         text = "".join(self.example(item, with_images) for item in examples)
         images = [items.pixels(item) for item in examples] if with_images else []
-        return f"{text}{IMAGE_TOKEN}{self.prefix()}", torch.stack([*images, items.pixels(query)])
+        return f"{text}{IMAGE_TOKEN}{self.prefix(query)}", torch.stack([*images, items.pixels(query)])
 
     def examples_for(self, index: int, shots: int, support: Any) -> list[Any]:
         count = shots or ZERO_SHOT_TEXT_EXAMPLES
@@ -165,7 +186,9 @@ class FewShotEvaluator:
                         predictions += generated
                         references += [self.references(item) for item in batch]
                 metrics |= self.score(shots, gather_list(predictions), gather_list(references))
-        if self.config.task == "vqa":
+        if self.real_questions:
+            metrics["skipped_lines"] = float(ctx.parts["data"].skipped(self.config.split))
+        elif self.config.task == "vqa":
             metrics["chance"] = 1 / len(ATTRIBUTES[self.config.attribute])
         return metrics
 
@@ -187,6 +210,9 @@ class FewShotEvaluator:
         return [fusion.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
     def score(self, shots: int, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+        if self.real_questions:
+            scores = [vqa_accuracy(vqa_answer_of(p), answers) for p, answers in zip(predictions, references)]
+            return {f"{shots}shot_vqa_accuracy": 100 * float(np.mean(scores))}
         exact = float(
             np.mean(
                 [

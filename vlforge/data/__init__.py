@@ -195,6 +195,26 @@ class ImageFolderConfig(ComponentConfig):
         return ["class"]
 
 
+class VQAConfig(ComponentConfig):
+    """``type = "vqa"``: visual question answering files, held-out splits for evaluators (VQAv2)."""
+
+    splits: dict[str, UrlList] = Field(
+        ...,
+        description="split name -> JSONL file(s) of {image, question, answers}, or the official "
+        "VQAv2 [questions JSON, annotations JSON] pair",
+    )
+    image_root: RecipePath = Field(
+        "", description="folder/URL images are relative to; default: each file's folder"
+    )
+    image: ImageConfig = Field(default_factory=ImageConfig)
+
+    def held_out_splits(self) -> list[str]:
+        return list(self.splits)
+
+    def label_names(self) -> list[str]:
+        return []
+
+
 class MixSourceTable(BaseModel):
     """One ``[data.sources.<name>]`` table: a dataset component plus its share of the mix."""
 
@@ -248,6 +268,13 @@ def build_imagefolder(config: ImageFolderConfig, ctx: BuildContext) -> Any:
     return ImageFolderSource.from_context(config, ctx)
 
 
+def build_vqa(config: VQAConfig, ctx: BuildContext) -> Any:
+    """Questions with their annotators' answers (VQAv2 JSONL or the official pair), for evaluators."""
+    from vlforge.data.vqa import VQASource
+
+    return VQASource.from_context(config, ctx)
+
+
 def build_mix(config: MixConfig, ctx: BuildContext) -> Any:
     """Several datasets mixed by micro-batch, by weight or in turn."""
     from vlforge.data.mix import MixData
@@ -263,3 +290,4 @@ def register(registry: Registry) -> None:
     registry.add("dataset", "interleaved", config=InterleavedConfig, factory=build_interleaved)
     registry.add("dataset", "mix", config=MixConfig, factory=build_mix)
     registry.add("dataset", "imagefolder", config=ImageFolderConfig, factory=build_imagefolder)
+    registry.add("dataset", "vqa", config=VQAConfig, factory=build_vqa)

@@ -140,6 +140,8 @@ def test_large_recipes_dry_run_on_the_meta_device(recipe, blocks, total, capsys)
     }
     assert printed["vision"].endswith("(0.00M trainable)") and "total" in printed
     parsed, plugins = load_recipe(RECIPES / f"{recipe}.toml")
+    headline = {name: (e.config.task, e.data.type, e.config.shots) for name, e in parsed.evaluators.items()}
+    assert headline == {"coco": ("caption", "captions", [0, 4, 32]), "vqav2": ("vqa", "vqa", [0, 4, 32])}
     model = build_model(parsed, plugins, BuildContext(parsed, device="meta", meta=True))
     assert len(model.fusion.xattn) == blocks and model.fusion.lm.device.type == "meta"
     counts = parameter_counts(model)
