@@ -20,6 +20,9 @@ import pytest
 
 from vlforge import checkpoint as ckpt
 from vlforge.cli import main
+from vlforge.errors import UserError
+from vlforge.launch.local import launch_local
+from vlforge.launch.worker import RunJob
 from vlforge.results import QueryError, RunWriter, build_index, connect, query
 from vlforge.results import queries as queries_module
 from vlforge.results.diskfull import DiskFullError
@@ -47,6 +50,10 @@ def metric_steps(root: Path) -> list[int]:
             if row["name"] == "train/loss":
                 steps.append(row["step"])
     return sorted(steps)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
 @contextlib.contextmanager
@@ -283,6 +290,33 @@ def test_two_resumes_of_one_run_the_second_is_refused(tmp_path: Path, tiny_recip
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "completed" and len(status["attempts"]) == 3
     assert not (run_dir / RUN_LOCK).exists()
+
+
+def test_a_second_resume_on_two_local_ranks_is_refused_by_its_rank_0(
+    tmp_path: Path, tiny_recipe: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Two resumes started together both pass the CLI's early check; then the run lock that rank 0
+    # takes when it opens the run refuses the later one, with the message one process gives.
+    root = tmp_path / "runs"
+    assert main(["run", str(tiny_recipe), "--runs-root", str(root), "train.steps=2"]) == 0
+    (run_dir,) = root.glob("tests/*")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", DEAD_WRITER, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        held = files_of(run_dir)
+        capfd.readouterr()
+        job = RunJob(f"{run_dir}/recipe.toml", (), str(root), "tests", run_dir.name, resume=True)
+        with pytest.raises(UserError, match=f"run {run_dir.name}: rank 0 stopped on the error above"):
+            launch_local(job, nproc=2)
+        err = capfd.readouterr().err
+        assert f"vlforge: error: run {run_dir.name} is already being trained (pid {holder.pid} on " in err
+        assert str(run_dir / RUN_LOCK) in err and "Traceback" not in err
+        assert files_of(run_dir) == held  # the refused attempt wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_run_writer_refuses_a_second_live_writer(tmp_path: Path) -> None:
