@@ -146,6 +146,38 @@ def test_damaged_latest_falls_back_and_the_run_matches_the_uninterrupted_one(
     assert steps_logged_twice(runs_root, run_id) == []
 
 
+@pytest.mark.slow
+def test_resume_with_every_checkpoint_damaged_fails_clearly_and_keeps_everything(
+    tiny_recipe,
+    runs_root,
+    test_plugin,  # noqa: F811 (the fixture imported above)
+    capfd,
+):
+    args = [
+        str(tiny_recipe),
+        *test_plugin,
+        "train.checkpoint_every=2",
+        "objectives.contrastive.interrupt_after_step=4",
+    ]
+    assert main(["run", *args]) == 130
+    (run_id,) = run_ids(runs_root)
+    run_dir = next(runs_root.glob(f"*/{run_id}"))
+    for _, url in ckpt.list_checkpoints(str(run_dir)):
+        flip_400_bytes(biggest_shard(url))
+    checkpoints = {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+    capfd.readouterr()
+
+    assert main(["run", *args, "--resume"]) == 1  # never a silent fresh start
+    err = capfd.readouterr().err
+    assert f"every checkpoint in {run_dir / 'checkpoints'} is damaged; cannot resume" in err
+    assert "step_00000004 is damaged" in err and "step_00000002 is damaged" in err
+    assert "Traceback" not in err
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "every checkpoint" in status["reason"]
+    assert {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()} == checkpoints
+    assert train_loss_rows(run_dir) == [1, 2, 3, 4]  # the first attempt's metrics are all kept
+
+
 # A run that SIGKILLs itself at a given point of its second checkpoint (step 4 of 6).
 KILLER = """
 import os, signal, sys
@@ -203,7 +235,7 @@ def test_kill_9_during_a_save_loses_no_metric_and_resume_continues(tiny_recipe, 
 
 
 @pytest.mark.slow
-def test_async_checkpoints_of_two_ranks_resume_on_one(tiny_recipe, runs_root, test_plugin):  # noqa: F811
+def test_async_checkpoints_of_two_ranks_resume_on_one(tiny_recipe, runs_root, test_plugin, capfd):  # noqa: F811
     args = [*test_plugin, "train.checkpoint_every=2", "train.async_checkpoint=true"]
     interrupted = [*args, "objectives.contrastive.interrupt_after_step=5", "launch.nproc=2"]
     assert main(["run", str(tiny_recipe), *interrupted]) == 130
@@ -212,8 +244,15 @@ def test_async_checkpoints_of_two_ranks_resume_on_one(tiny_recipe, runs_root, te
     latest = ckpt.latest_checkpoint(str(run_dir))
     assert ckpt.read_manifest(latest)["world_size"] == 2 and ckpt.step_of(latest) == 5
     assert [s for s, _ in ckpt.list_checkpoints(str(run_dir))] == [4, 5]  # the async one of 4 committed
+    flip_400_bytes(Path(latest) / "__1_0.distcp")  # what rank 1 wrote is checked like rank 0's
+    capfd.readouterr()
 
-    assert main(["run", str(tiny_recipe), *args, "launch.nproc=1", "--resume"]) == 0
+    resume = ["run", str(tiny_recipe), *args, "launch.nproc=1", "--resume"]
+    assert main(resume) == 130  # from step 4, so the plugin interrupts at step 5 once more
+    err = capfd.readouterr().err
+    assert f"checkpoint {latest} is damaged (__1_0.distcp does not match its sha256 checksum" in err
+    assert "resuming from" in err and "step_00000004" in err
+    assert main(resume) == 0  # from the new, intact step 5
     assert sorted(losses(runs_root, run_id)) == [1, 2, 3, 4, 5, 6]
     assert steps_logged_twice(runs_root, run_id) == []
     assert ckpt.read_manifest(ckpt.latest_checkpoint(str(run_dir)))["world_size"] == 1

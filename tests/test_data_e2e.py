@@ -135,3 +135,41 @@ def test_run_stops_on_too_much_bad_data_with_a_clear_message(wds_recipe, runs_ro
     assert code == 1
     message = capsys.readouterr().err
     assert re.search(r"1 of \d+ shards could not be read.*max_failed_shard_fraction = 0.05", message)
+
+
+@pytest.mark.slow
+def test_a_run_on_a_caption_file_with_bad_lines_skips_counts_and_names_them(
+    tmp_path, runs_root, tiny_recipe, caplog
+):
+    images = write_shapes_folder(tmp_path / "images", 16, image_size=32)
+    lines = [
+        json.dumps({"image": i.name, "caption": i.with_suffix(".txt").read_text()}).encode() for i in images
+    ]
+    bad = {  # line number -> the line and what the warning says about it
+        5: (b'{"image": "000004.jpg", "caption": "cut', "not JSON"),
+        9: (b'{"image": "000004.jpg", "caption": 12345}', "the caption is not text"),
+        13: (b'{"image": "000004.jpg", "caption": "caf\xe9"}', "not UTF-8 (byte 0xe9"),
+        17: (b'{"caption": "no image"}', "no 'image' path"),
+    }
+    for number in sorted(bad):
+        lines.insert(number - 1, bad[number][0])
+    captions = tmp_path / "images" / "captions.jsonl"
+    captions.write_bytes(b"\n".join(lines) + b"\n")
+    data = (
+        f'data={{type="captions", files="{captions}", shuffle=false, bad_data={{max_skipped_fraction=0.5}}}}'
+    )
+    overrides = ["~evaluators.retrieval", data, "train.steps=2", "train.batch_size=8", "train.num_workers=0"]
+
+    assert main(["run", str(tiny_recipe), *overrides]) == 0  # bad lines do not stop the run
+    for number, (_, what) in bad.items():
+        assert f"data: skipping {captions}:line {number}: {what}" in caplog.text
+    counters = json.loads(
+        query(
+            str(runs_root),
+            "SELECT name, max(value) AS value FROM metrics WHERE name LIKE 'data/%' GROUP BY name",
+            "json",
+        )
+    )
+    counters = {row["name"]: row["value"] for row in counters}
+    assert counters["data/skipped_bad_line"] == 2 and counters["data/skipped_bad_entry"] == 2
+    assert counters["data/samples"] == 16  # every good line trained on: 2 steps of 8

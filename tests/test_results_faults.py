@@ -18,12 +18,18 @@ import duckdb
 import fsspec
 import pytest
 
+from vlforge import checkpoint as ckpt
+from vlforge.cli import main
+from vlforge.errors import UserError
+from vlforge.launch.local import launch_local
+from vlforge.launch.worker import RunJob
 from vlforge.results import QueryError, RunWriter, build_index, connect, query
 from vlforge.results import queries as queries_module
 from vlforge.results.diskfull import DiskFullError
 from vlforge.results.locks import FileLock, LockHeldError
 from vlforge.results.rundir import RUN_LOCK, RunLockedError
 
+from .test_engine import losses
 from .test_results import make_run, rows, table_contents
 
 CROSS_JOIN = "SELECT count(*) FROM range(100000000000) a, range(100000000000) b WHERE a.range + b.range < 0"
@@ -44,6 +50,10 @@ def metric_steps(root: Path) -> list[int]:
             if row["name"] == "train/loss":
                 steps.append(row["step"])
     return sorted(steps)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
 @contextlib.contextmanager
@@ -282,6 +292,33 @@ def test_two_resumes_of_one_run_the_second_is_refused(tmp_path: Path, tiny_recip
     assert not (run_dir / RUN_LOCK).exists()
 
 
+def test_a_second_resume_on_two_local_ranks_is_refused_by_its_rank_0(
+    tmp_path: Path, tiny_recipe: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Two resumes started together both pass the CLI's early check; then the run lock that rank 0
+    # takes when it opens the run refuses the later one, with the message one process gives.
+    root = tmp_path / "runs"
+    assert main(["run", str(tiny_recipe), "--runs-root", str(root), "train.steps=2"]) == 0
+    (run_dir,) = root.glob("tests/*")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", DEAD_WRITER, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        held = files_of(run_dir)
+        capfd.readouterr()
+        job = RunJob(f"{run_dir}/recipe.toml", (), str(root), "tests", run_dir.name, resume=True)
+        with pytest.raises(UserError, match=f"run {run_dir.name}: rank 0 stopped on the error above"):
+            launch_local(job, nproc=2)
+        err = capfd.readouterr().err
+        assert f"vlforge: error: run {run_dir.name} is already being trained (pid {holder.pid} on " in err
+        assert str(run_dir / RUN_LOCK) in err and "Traceback" not in err
+        assert files_of(run_dir) == held  # the refused attempt wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_run_writer_refuses_a_second_live_writer(tmp_path: Path) -> None:
     run = RunWriter.create(str(tmp_path), "exp", recipe_name="t", recipe_toml="", config={})
     with pytest.raises(RunLockedError, match=f"pid {os.getpid()} on {socket.gethostname()}"):
@@ -293,25 +330,40 @@ def test_run_writer_refuses_a_second_live_writer(tmp_path: Path) -> None:
 # -- a full disk --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_full_disk_run_fails_naming_the_disk_and_keeps_what_was_written(
     tmp_path: Path, tiny_recipe: Path
 ) -> None:
-    with tmpfs(tmp_path / "disk", "1m") as disk:
-        result = cli("run", str(tiny_recipe), "--runs-root", str(disk), "train.checkpoint_every=2")
+    reference_root = tmp_path / "reference"
+    every_2 = [str(tiny_recipe), "train.checkpoint_every=2"]
+    assert main(["run", *every_2, "--runs-root", str(reference_root)]) == 0
+    (reference,) = [d.name for d in reference_root.glob("tests/*")]
+    # 2 MB hold one checkpoint (1.2 MB) of the tiny model and its optimizer: step 4's fills the disk.
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        result = cli("run", *every_2, "--runs-root", str(disk))
         assert result.returncode == 1, result.stderr
-        assert f"no space left on the disk at {disk} (" in result.stderr and " writing " in result.stderr
-        assert "--resume" in result.stderr and "Traceback" not in result.stderr
         (run_dir,) = disk.glob("tests/*")
+        partial = run_dir / "checkpoints" / "step_00000004.tmp"
+        assert f"no space left on the disk at {disk} (" in result.stderr
+        assert f" writing {partial}; free space there, then continue with " in result.stderr
+        assert f"--resume {run_dir.name}" in result.stderr and "Traceback" not in result.stderr
         status = json.loads((run_dir / "status.json").read_text())
-        assert status["status"] == "failed" and status["reason"].startswith(
-            "disk full: no space left on the disk"
-        )
+        assert status["status"] == "failed" and status["last_step"] == 4
+        assert status["reason"].startswith(f"disk full: no space left on the disk at {disk}")
         assert not (run_dir / RUN_LOCK).exists() and not (disk / "index.duckdb.lock").exists()
-        # No step twice, none missing. Which steps survive is the checkpoint side's (issue 17:
-        # metrics flushed before a checkpoint commits, partial checkpoint files removed on failure);
-        # once that lands, assert that they reach the last committed checkpoint's step.
-        steps = metric_steps(disk)
-        assert steps == list(range(1, len(steps) + 1))
+        # Nothing logged is lost: every row up to the failed checkpoint's step was flushed before
+        # it, and its partial files are gone (their space is what the status and index need).
+        assert metric_steps(disk) == [1, 2, 3, 4]
+        assert not partial.exists() and not list(disk.rglob("*.tmp"))
+        assert ckpt.step_of(ckpt.resume_checkpoint(str(run_dir))) == 2  # the committed one is intact
+
+        # Space freed: the run continues from step 2 to the uninterrupted result, each step once.
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        assert main(["run", *every_2, "--runs-root", str(disk), "--resume", run_dir.name]) == 0
+        assert losses(disk, run_dir.name) == losses(reference_root, reference)  # bitwise, steps 1..6
+        assert rows(disk, "SELECT count(*), count(DISTINCT step) FROM metrics WHERE name = 'train/loss'") == [
+            (6, 6)
+        ]
 
 
 def test_full_disk_while_logging_and_indexing(tmp_path: Path) -> None:

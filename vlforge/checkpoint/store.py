@@ -9,9 +9,12 @@ save. The rest of the run's state (small, picklable) is rank 0's ``train_state.p
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
+import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from vlforge import distributed as dist
 from vlforge.checkpoint import layout
+from vlforge.results.diskfull import is_disk_full
 from vlforge.results.rundir import to_url
 
 
@@ -40,6 +44,23 @@ def single_process_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
         yield
+
+
+@contextmanager
+def discarded_on_failure(tmp_url: str) -> Iterator[None]:
+    """Remove a save's ``step_X.tmp`` (on rank 0) when the save fails: on a full disk the space it
+    holds is what the run's last metric rows and final status need. Never read, it would only be
+    pruned later. A full disk is raised as an OSError naming the checkpoint (DCP's
+    CheckpointException, a BaseException, names no file)."""
+    try:
+        yield
+    except BaseException as e:
+        if dist.rank() == 0:
+            with contextlib.suppress(OSError):  # already committed (renamed), or not there
+                layout.remove(tmp_url)
+        if is_disk_full(e) and not getattr(e, "filename", None):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp_url) from e
+        raise
 
 
 def storage_writer(url: str) -> dcp.StorageWriter:
@@ -111,10 +132,11 @@ class Checkpointer:
         state = {"model": model_state, "optimizer": optim_state}
         manifest = {"step": step, "excluded": excluded}
         if blocking:
-            with single_process_quiet():
-                dcp.save(state, storage_writer=storage_writer(url), no_dist=not dist.is_distributed())
-            return self._finish(url, manifest)
-        with single_process_quiet():
+            with discarded_on_failure(url):
+                with single_process_quiet():
+                    dcp.save(state, storage_writer=storage_writer(url), no_dist=not dist.is_distributed())
+                return self._finish(url, manifest)
+        with discarded_on_failure(url), single_process_quiet():
             staged = dcp.async_save(
                 state,
                 storage_writer=storage_writer(url),
@@ -122,8 +144,14 @@ class Checkpointer:
                 no_dist=not dist.is_distributed(),
             )
         self._executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="vlforge-ckpt")
-        self._pending = self._executor.submit(lambda: (staged.result(), self._finish(url, manifest))[1])
+        self._pending = self._executor.submit(self._complete, staged, url, manifest)
         return None
+
+    def _complete(self, staged: Future[Any], url: str, manifest: dict[str, Any]) -> str | None:
+        """The background part of an asynchronous save: wait for its shards, then commit."""
+        with discarded_on_failure(url):
+            staged.result()
+            return self._finish(url, manifest)
 
     def wait(self) -> str | None:
         """Finish the save in flight (if any); its URL on rank 0, else None. Raises what it raised."""
@@ -137,10 +165,11 @@ class Checkpointer:
         if dist.rank() == 0:
             if fs.exists(tmp):  # a crashed attempt's leftovers
                 fs.rm(tmp, recursive=True)
-            fs.makedirs(tmp, exist_ok=True)
-            buffer = io.BytesIO()
-            torch.save(train_state, buffer)
-            fs.pipe_file(f"{tmp}/{layout.TRAIN_STATE}", buffer.getvalue())
+            with discarded_on_failure(to_url(fs, tmp)):
+                fs.makedirs(tmp, exist_ok=True)
+                buffer = io.BytesIO()
+                torch.save(train_state, buffer)
+                fs.pipe_file(f"{tmp}/{layout.TRAIN_STATE}", buffer.getvalue())
         dist.barrier()
         return to_url(fs, tmp)
 

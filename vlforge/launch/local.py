@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
-from vlforge.errors import RunFailed
+from vlforge.errors import RunFailed, UserError
 from vlforge.launch.worker import RunJob, run_job
 
 FAILURE_GRACE_S = 30.0
@@ -35,7 +36,13 @@ def set_rank_environment(local_rank: int, world_size: int, port: int) -> None:
 
 def _spawned_rank(local_rank: int, job: RunJob, world_size: int, port: int) -> None:
     set_rank_environment(local_rank, world_size, port)
-    run_job(job)  # the status is read back from the run directory by the parent
+    try:
+        run_job(job)  # the status is read back from the run directory by the parent
+    except UserError as exc:
+        # As one process would say it (a second resume refused by the run lock, for instance):
+        # spawn passes only a traceback to the parent, so the rank prints it and exits with its code.
+        print(f"vlforge: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
 
 
 def launch_local(job: RunJob, nproc: int) -> str:
@@ -52,6 +59,8 @@ def launch_local(job: RunJob, nproc: int) -> str:
         while not ranks.join(grace_period=FAILURE_GRACE_S):
             pass
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        if isinstance(exc, mp.ProcessExitedException) and exc.exit_code == UserError.exit_code:
+            raise UserError(f"run {job.run_id}: rank {exc.error_index} stopped on the error above") from None
         status = _status_of(job)
         reason = status.get("reason") or str(exc)
         raise RunFailed(f"run {job.run_id} failed on a rank: {reason}") from exc
