@@ -159,6 +159,42 @@ def test_requeue_only_running_jobs_within_the_limit(state, restarts, refused):
     assert reason is None if refused is None else refused in reason
 
 
+@pytest.mark.parametrize(
+    ("exit_code", "received", "run_status", "outcome"),
+    [
+        (0, [], "completed", ("completed", None)),
+        (3, [], "preempted", ("preempted", None)),
+        (130, [], "interrupted", ("interrupted", None)),
+        (1, [], "failed", ("failed", None)),  # failed by itself, with a final status: no requeue
+        (1, [], "running", ("failed", "the training process exited without a final status")),
+        (2, [], "running", ("failed", "the training process exited with code 2 and no final status")),
+        (-signal.SIGKILL, [], "running", ("failed", "the training process was killed by SIGKILL")),
+        (-signal.SIGSEGV, [], "running", ("failed", "the training process was killed by SIGSEGV")),
+        # a stop signal forwarded before the child installed its handlers: still that stop
+        (-signal.SIGUSR2, [signal.SIGUSR2], "running", ("preempted", None)),
+        (-signal.SIGINT, [signal.SIGINT], "running", ("interrupted", None)),
+    ],
+)
+def test_a_training_process_without_a_final_status_is_a_crash(
+    tmp_path, monkeypatch, exit_code, received, run_status, outcome
+):
+    (tmp_path / "status.json").write_text(json.dumps({"status": run_status}))
+    monkeypatch.setattr(slurm, "_received", received)
+    monkeypatch.setenv("RANK", "0")
+    assert slurm._child_outcome(exit_code, str(tmp_path)) == outcome
+
+
+def test_a_crashed_attempt_is_recorded_failed_with_its_reason(tmp_path):
+    attempts = [{"start_time": "t0", "status": "preempted"}, {"start_time": "t1"}]
+    (tmp_path / "status.json").write_text(json.dumps({"status": "running", "attempts": attempts}))
+    slurm.end_crashed_attempt(str(tmp_path), "killed by SIGKILL on rank 0; requeued")
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert (status["status"], status["reason"]) == ("failed", "killed by SIGKILL on rank 0; requeued")
+    assert [a.get("status") for a in status["attempts"]] == ["preempted", "failed"]
+    assert status["attempts"][-1]["end_time"] == status["end_time"]
+    assert not (tmp_path / "run.lock").exists()  # taken over from the dead writer and released
+
+
 def test_signals_held_during_setup_reach_the_training_loop(monkeypatch):
     received = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, _: received.append(signum))

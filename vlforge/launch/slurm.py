@@ -21,6 +21,10 @@ and the engine stops at the next step boundary with an atomic checkpoint and the
 ``SLURM_RESTART_COUNT`` + 1) resumes the same run id and directory from that checkpoint.
 Requeues are bounded by ``launch.max_requeues``. A job that exits during the preemption
 grace time without requeueing itself is *not* requeued by Slurm, which is why rank 0 does it.
+
+Each task trains in a child process it supervises (:func:`supervise`): when that process dies
+without a final status (SIGKILL from the OOM killer, a segfault), the task requeues the job
+within the same bound, and the requeued job resumes from the newest intact checkpoint.
 """
 
 from __future__ import annotations
@@ -425,10 +429,11 @@ def read_submissions(root: str) -> list[Submission]:
 
 
 class SlurmRun(submitit.helpers.Checkpointable):
-    """What every task of a vlforge Slurm job runs.
+    """What every task of a vlforge Slurm job runs: a supervisor of the rank's training process.
 
-    Every stop goes through the training loop: a stop signal (USR2, SIGTERM, SIGINT) that arrives
-    while the run is being set up is held and handed to the loop at its first step, which
+    Every stop goes through the training loop: a stop signal (USR2, SIGTERM, SIGINT) goes on to
+    the training process; one that arrives while the run is being set up is held and handed to
+    the loop at its first step, which
     then checkpoints at that step's end like any other stop. Only in the moment before this
     object runs is submitit's own handler in charge; as this is a Checkpointable, it then
     requeues the job unchanged (nothing was trained yet).
@@ -533,7 +538,10 @@ def _child_outcome(code: int, run_dir: str) -> tuple[str, str | None]:
     status = {exit_code: name for name, exit_code in EXIT_CODES.items()}.get(code)
     if status is None:
         return "failed", f"the training process exited with code {code} and no final status"
-    if status == "failed" and _read_status_json(run_dir).get("status") == "running":
+    # Rank 0 closes the run: its writer still "running" means it died first. (Another rank that
+    # fails by itself may see "running" too, before rank 0 has closed the run.)
+    writer_died = os.environ.get("RANK", "0") == "0" and _read_status_json(run_dir).get("status") == "running"
+    if status == "failed" and writer_died:
         return "failed", "the training process exited without a final status"
     return status, None
 
