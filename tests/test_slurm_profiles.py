@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +18,7 @@ from vlforge.cli import main
 from vlforge.launch import slurm
 from vlforge.launch.profiles import load_profile, slurm_minutes
 from vlforge.launch.sweep import element_overrides, split_sweep_args, sweep_points
+from vlforge.launch.worker import RunJob
 from vlforge.recipe import SweepSection, load_recipe
 
 from .conftest import REPO
@@ -193,6 +196,28 @@ def test_a_crashed_attempt_is_recorded_failed_with_its_reason(tmp_path):
     assert [a.get("status") for a in status["attempts"]] == ["preempted", "failed"]
     assert status["attempts"][-1]["end_time"] == status["end_time"]
     assert not (tmp_path / "run.lock").exists()  # taken over from the dead writer and released
+
+
+@pytest.mark.parametrize(("restarts", "requeued"), [(0, True), (2, True), (3, False)])
+def test_a_crash_requeues_until_max_requeues_then_the_run_fails(tmp_path, monkeypatch, restarts, requeued):
+    job = RunJob("recipe.toml", (), str(tmp_path), "exp", "run1")
+    Path(job.run_dir).mkdir(parents=True)
+    (Path(job.run_dir) / "status.json").write_text(json.dumps({"status": "running", "attempts": [{}]}))
+    calls = []
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: "RUNNING")
+    monkeypatch.setattr(slurm, "requeue_self", lambda *args: calls.append(args) or "job 7 requeued")
+    env = SimpleNamespace(job_id="7", global_rank=0)
+    crash = "the training process was killed by SIGKILL"
+    assert slurm.SlurmRun(job, max_requeues=3)._after_crash(job, env, restarts, crash) == "failed"
+
+    status = json.loads((Path(job.run_dir) / "status.json").read_text())
+    assert status["status"] == "failed" and status["reason"].startswith(f"{crash} on rank 0; ")
+    assert calls == ([("7", restarts, 3)] if requeued else [])
+    if requeued:
+        assert status["reason"].endswith("requeued to resume from the last checkpoint")
+    else:
+        assert "job 7 not requeued: already requeued 3 time(s), launch.max_requeues = 3" in status["reason"]
+        assert "vlforge run <recipe> --resume run1" in status["reason"]
 
 
 def test_signals_held_during_setup_reach_the_training_loop(monkeypatch):
