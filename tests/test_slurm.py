@@ -30,9 +30,10 @@ from .conftest import REPO, TINY_RECIPE
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # A test plugin: each rank proves it joined the process group (an all_reduce of rank + 1),
-# and the first allocation of a job is slowed down so that a signal finds it mid-run.
+# the first allocation of a job is slowed down so that a signal finds it mid-run, and with
+# KILL_AT_STEP the training process SIGKILLs itself once at that step (as the OOM killer would).
 SLURM_TEST_PLUGIN = """
-import json, os, time
+import json, os, signal, time
 import torch
 import torch.distributed as dist
 from vlforge.hookspecs import hookimpl
@@ -50,6 +51,13 @@ def vlforge_run_start(state):
 def vlforge_after_optimizer_step(state):
     if not int(os.environ.get("SLURM_RESTART_COUNT") or 0):
         time.sleep(float(os.environ.get("FIRST_ALLOCATION_STEP_S", "0")))
+
+@hookimpl
+def vlforge_step_start(state):
+    marker = os.path.join(state.run_dir, "killed")
+    if state.step == int(os.environ.get("KILL_AT_STEP", "-1")) and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
@@ -240,6 +248,46 @@ def test_preempted_run_requeues_and_resumes_to_the_uninterrupted_result(tmp_path
     assert main(["run", str(recipe), *overrides, "--runs-root", str(tmp_path / "reference")]) == 0
     [reference_dir] = (tmp_path / "reference" / "tests").iterdir()
     assert losses == logged_rows(str(reference_dir), "train/loss")
+    assert final_evals(root, record.run_id) == final_evals(tmp_path / "reference", reference_dir.name)
+
+
+def test_killed_training_process_requeues_and_resumes_to_the_uninterrupted_result(
+    tmp_path, plugin, monkeypatch
+):
+    root = tmp_path / "runs"
+    recipe = write_recipe(tmp_path, "crash")
+    overrides = [plugin, "train.steps=12", "train.checkpoint_every=4"]
+    # Killed as step 8 begins: steps 5-7 are logged (slow steps: flushed) but not checkpointed.
+    monkeypatch.setenv("KILL_AT_STEP", "7")
+    monkeypatch.setenv("FIRST_ALLOCATION_STEP_S", "0.6")
+    [record] = slurm_run(recipe, root, 'launch.profile="dev"', *overrides)
+    status = wait_until_finished(record)
+
+    assert (Path(record.run_dir) / "killed").exists()
+    first, second = status["attempts"]
+    assert (first["status"], second["status"]) == ("failed", "completed") and status["status"] == "completed"
+    assert first["reason"].startswith("the training process was killed by SIGKILL on rank 0; requeued")
+    assert {first["slurm_job_id"], second["slurm_job_id"]} == {record.job_id}  # the same job, requeued
+    assert accounting_states(record.job_id) == ["REQUEUED", "COMPLETED"]
+    assert "job " + record.job_id + " requeued (1 of at most 3 requeues)" in Path(record.log).read_text()
+    [*_, (last, _)] = list_checkpoints(record.run_dir)
+    assert last == 12
+    raw_steps = [step for step, _ in logged_rows(record.run_dir, "train/loss")]
+    assert sorted(set(raw_steps)) == list(range(1, 13)) and len(raw_steps) > 12  # some logged twice
+
+    # The index holds every step once: the steps the killed attempt logged past its checkpoint
+    # are replaced by the resumed attempt's; the curve is the uninterrupted run's.
+    sql = (
+        f"SELECT step, value FROM metrics WHERE run_id = '{record.run_id}' "
+        "AND name = 'train/loss' ORDER BY step"
+    )
+    indexed = [(row["step"], row["value"]) for row in json.loads(query(str(root), sql, "json"))]
+    assert [step for step, _ in indexed] == list(range(1, 13))
+    monkeypatch.delenv("KILL_AT_STEP")
+    monkeypatch.setenv("FIRST_ALLOCATION_STEP_S", "0")
+    assert main(["run", str(recipe), *overrides, "--runs-root", str(tmp_path / "reference")]) == 0
+    [reference_dir] = (tmp_path / "reference" / "tests").iterdir()
+    assert indexed == logged_rows(str(reference_dir), "train/loss")
     assert final_evals(root, record.run_id) == final_evals(tmp_path / "reference", reference_dir.name)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +18,7 @@ from vlforge.cli import main
 from vlforge.launch import slurm
 from vlforge.launch.profiles import load_profile, slurm_minutes
 from vlforge.launch.sweep import element_overrides, split_sweep_args, sweep_points
+from vlforge.launch.worker import RunJob
 from vlforge.recipe import SweepSection, load_recipe
 
 from .conftest import REPO
@@ -157,6 +160,64 @@ def test_dev_high_profile_extends_dev():
 def test_requeue_only_running_jobs_within_the_limit(state, restarts, refused):
     reason = slurm.requeue_refusal(state, restarts, max_requeues=3)
     assert reason is None if refused is None else refused in reason
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "received", "run_status", "outcome"),
+    [
+        (0, [], "completed", ("completed", None)),
+        (3, [], "preempted", ("preempted", None)),
+        (130, [], "interrupted", ("interrupted", None)),
+        (1, [], "failed", ("failed", None)),  # failed by itself, with a final status: no requeue
+        (1, [], "running", ("failed", "the training process exited without a final status")),
+        (2, [], "running", ("failed", "the training process exited with code 2 and no final status")),
+        (-signal.SIGKILL, [], "running", ("failed", "the training process was killed by SIGKILL")),
+        (-signal.SIGSEGV, [], "running", ("failed", "the training process was killed by SIGSEGV")),
+        # a stop signal forwarded before the child installed its handlers: still that stop
+        (-signal.SIGUSR2, [signal.SIGUSR2], "running", ("preempted", None)),
+        (-signal.SIGINT, [signal.SIGINT], "running", ("interrupted", None)),
+    ],
+)
+def test_a_training_process_without_a_final_status_is_a_crash(
+    tmp_path, monkeypatch, exit_code, received, run_status, outcome
+):
+    (tmp_path / "status.json").write_text(json.dumps({"status": run_status}))
+    monkeypatch.setattr(slurm, "_received", received)
+    monkeypatch.setenv("RANK", "0")
+    assert slurm._child_outcome(exit_code, str(tmp_path)) == outcome
+
+
+def test_a_crashed_attempt_is_recorded_failed_with_its_reason(tmp_path):
+    attempts = [{"start_time": "t0", "status": "preempted"}, {"start_time": "t1"}]
+    (tmp_path / "status.json").write_text(json.dumps({"status": "running", "attempts": attempts}))
+    slurm.end_crashed_attempt(str(tmp_path), "killed by SIGKILL on rank 0; requeued")
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert (status["status"], status["reason"]) == ("failed", "killed by SIGKILL on rank 0; requeued")
+    assert [a.get("status") for a in status["attempts"]] == ["preempted", "failed"]
+    assert status["attempts"][-1]["end_time"] == status["end_time"]
+    assert not (tmp_path / "run.lock").exists()  # taken over from the dead writer and released
+
+
+@pytest.mark.parametrize(("restarts", "requeued"), [(0, True), (2, True), (3, False)])
+def test_a_crash_requeues_until_max_requeues_then_the_run_fails(tmp_path, monkeypatch, restarts, requeued):
+    job = RunJob("recipe.toml", (), str(tmp_path), "exp", "run1")
+    Path(job.run_dir).mkdir(parents=True)
+    (Path(job.run_dir) / "status.json").write_text(json.dumps({"status": "running", "attempts": [{}]}))
+    calls = []
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: "RUNNING")
+    monkeypatch.setattr(slurm, "requeue_self", lambda *args: calls.append(args) or "job 7 requeued")
+    env = SimpleNamespace(job_id="7", global_rank=0)
+    crash = "the training process was killed by SIGKILL"
+    assert slurm.SlurmRun(job, max_requeues=3)._after_crash(job, env, restarts, crash) == "failed"
+
+    status = json.loads((Path(job.run_dir) / "status.json").read_text())
+    assert status["status"] == "failed" and status["reason"].startswith(f"{crash} on rank 0; ")
+    assert calls == ([("7", restarts, 3)] if requeued else [])
+    if requeued:
+        assert status["reason"].endswith("requeued to resume from the last checkpoint")
+    else:
+        assert "job 7 not requeued: already requeued 3 time(s), launch.max_requeues = 3" in status["reason"]
+        assert "vlforge run <recipe> --resume run1" in status["reason"]
 
 
 def test_signals_held_during_setup_reach_the_training_loop(monkeypatch):

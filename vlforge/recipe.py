@@ -180,7 +180,8 @@ class LaunchSection(Section):
     # Slurm only (docs/slurm.md): a cluster profile (name under slurm/profiles/, or a path; with any
     # launcher also the GPU memory and peak FLOP/s the --dry-run plan compares with, docs/plan.md),
     # a time limit overriding the profile's ("HH:MM:SS", "D-HH:MM:SS" or minutes), and how
-    # often a preempted or timed-out run may requeue itself before it stays `preempted`.
+    # often a preempted, timed-out or crashed run may requeue itself (then it stays `preempted`,
+    # or, after a crash, ends `failed`).
     profile: str | None = None
     time_limit: str | int | None = None
     max_requeues: int = Field(3, ge=0)

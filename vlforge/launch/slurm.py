@@ -21,6 +21,10 @@ and the engine stops at the next step boundary with an atomic checkpoint and the
 ``SLURM_RESTART_COUNT`` + 1) resumes the same run id and directory from that checkpoint.
 Requeues are bounded by ``launch.max_requeues``. A job that exits during the preemption
 grace time without requeueing itself is *not* requeued by Slurm, which is why rank 0 does it.
+
+Each task trains in a child process it supervises (:func:`supervise`): when that process dies
+without a final status (SIGKILL from the OOM killer, a segfault), the task requeues the job
+within the same bound, and the requeued job resumes from the newest intact checkpoint.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from vlforge.launch.profiles import (
     slurm_minutes,
     unknown_profile,
 )
-from vlforge.launch.worker import RunJob, run_job
+from vlforge.launch.worker import EXIT_CODES, RunJob, run_job
 from vlforge.recipe import Problem, Recipe, RecipeError
 from vlforge.registry import did_you_mean
 
@@ -425,10 +429,11 @@ def read_submissions(root: str) -> list[Submission]:
 
 
 class SlurmRun(submitit.helpers.Checkpointable):
-    """What every task of a vlforge Slurm job runs.
+    """What every task of a vlforge Slurm job runs: a supervisor of the rank's training process.
 
-    Every stop goes through the training loop: a stop signal (USR2, SIGTERM, SIGINT) that arrives
-    while the run is being set up is held and handed to the loop at its first step, which
+    Every stop goes through the training loop: a stop signal (USR2, SIGTERM, SIGINT) goes on to
+    the training process; one that arrives while the run is being set up is held and handed to
+    the loop at its first step, which
     then checkpoints at that step's end like any other stop. Only in the moment before this
     object runs is submitit's own handler in charge; as this is a Checkpointable, it then
     requeues the job unchanged (nothing was trained yet).
@@ -440,7 +445,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         for sig in STOP_SIGNALS:
-            signal.signal(sig, _hold_signal)
+            signal.signal(sig, _forward_signal)
         env = submitit.JobEnvironment()
         # RANK, LOCAL_RANK, WORLD_SIZE; MASTER_ADDR = first node; MASTER_PORT seeded by the job id.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -455,10 +460,32 @@ class SlurmRun(submitit.helpers.Checkpointable):
             return "completed"
         if restarts > self.max_requeues:
             return self._give_up(job, restarts, env.global_rank)
-        status = run_job(job)
+        status, crash = supervise(job)
+        if crash is not None:
+            return self._after_crash(job, env, restarts, crash)
         if status == "preempted" and env.global_rank == 0:
             print(f"vlforge: {requeue_self(env.job_id, restarts, self.max_requeues)}", flush=True)
         return status
+
+    def _after_crash(self, job: RunJob, env: Any, restarts: int, crash: str) -> str:
+        """The training process died without a final status: requeue the job (it resumes from
+        the newest intact checkpoint), or end the run ``failed`` once the requeues are spent.
+
+        Any rank whose training process crashed requeues: the others then fail in a collective,
+        with a final status that is not the cause. Only the first requeue of an allocation
+        happens (``requeue_refusal``: the job is no longer RUNNING after it).
+        """
+        refusal = requeue_refusal(job_state(env.job_id), restarts, self.max_requeues)
+        where = f"{crash} on rank {env.global_rank}"
+        print(f"vlforge: {where}", flush=True)
+        if refusal is None:
+            # status.json first: the requeue ends this allocation (SIGTERM) soon after.
+            end_crashed_attempt(job.run_dir, f"{where}; requeued to resume from the last checkpoint")
+            print(f"vlforge: {requeue_self(env.job_id, restarts, self.max_requeues)}", flush=True)
+        elif env.global_rank == 0 and restarts >= self.max_requeues:
+            resume = f"continue it with `vlforge run <recipe> --resume {job.run_id}`"
+            end_crashed_attempt(job.run_dir, f"{where}; job {env.job_id} not requeued: {refusal}; {resume}")
+        return "failed"
 
     def _give_up(self, job: RunJob, restarts: int, rank: int) -> str:
         """Slurm requeued the job more often than allowed: leave the run preempted, say why."""
@@ -472,6 +499,88 @@ class SlurmRun(submitit.helpers.Checkpointable):
 
             RunWriter.open(job.run_dir).close("preempted", reason)
         return "preempted"
+
+
+# --------------------------------------------------------------------------- the supervisor
+
+# A task trains in a child process, so that it outlives a training process that dies without
+# a word (the OOM killer's SIGKILL, a segfault) and can requeue the job. The child's stdout
+# and stderr are the task's: its lines stay in the rank's Slurm log.
+_child: Any = None  # the training process while it runs
+_received: list[int] = []  # stop signals this task got: the child's death by one was asked for
+
+
+def supervise(job: RunJob) -> tuple[str, str | None]:
+    """Train ``job`` in a child process; returns (status, None), or ("failed", what went wrong)
+    when the child died without a final status."""
+    import multiprocessing
+
+    global _child
+    os.environ["PYTHONUNBUFFERED"] = "1"  # the child's lines reach the log as they are printed
+    _child = multiprocessing.get_context("spawn").Process(target=_train_in_child, args=(job,))
+    _child.start()
+    for sig in list(_received):  # arrived while the child was being started
+        os.kill(_child.pid, sig)
+    _child.join()
+    code, _child = _child.exitcode, None
+    return _child_outcome(code, job.run_dir)
+
+
+def _child_outcome(code: int, run_dir: str) -> tuple[str, str | None]:
+    """What the training process's exit code (negative: killed by that signal) says."""
+    from vlforge.engine import STOP_SIGNALS as STOP_STATUS
+
+    if code < 0:
+        sig = signal.Signals(-code)
+        if -code in _received:  # a stop signal that came before its handlers: a stop all the same
+            return STOP_STATUS.get(sig, "failed"), None
+        return "failed", f"the training process was killed by {sig.name}"
+    status = {exit_code: name for name, exit_code in EXIT_CODES.items()}.get(code)
+    if status is None:
+        return "failed", f"the training process exited with code {code} and no final status"
+    # Rank 0 closes the run: its writer still "running" means it died first. (Another rank that
+    # fails by itself may see "running" too, before rank 0 has closed the run.)
+    writer_died = os.environ.get("RANK", "0") == "0" and _read_status_json(run_dir).get("status") == "running"
+    if status == "failed" and writer_died:
+        return "failed", "the training process exited without a final status"
+    return status, None
+
+
+def _train_in_child(job: RunJob) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _hold_signal)
+    sys.exit(EXIT_CODES[run_job(job)])
+
+
+def _forward_signal(signum: int, _frame: Any) -> None:
+    """The task's handler: a stop signal goes on to the training process (held until it runs)."""
+    _received.append(signum)
+    if _child is not None and _child.pid is not None:
+        os.kill(_child.pid, signum)
+
+
+def end_crashed_attempt(run_dir: str, reason: str) -> None:
+    """Record in ``status.json`` that the run's last attempt failed (its writer died with it)."""
+    import fsspec
+
+    from vlforge.results.rundir import RunLockedError, read_json, take_run_lock, utc_now, write_atomic
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    if not fs.exists(f"{path}/status.json"):  # died before the run directory had a status
+        return
+    try:
+        lock = take_run_lock(run_dir)  # a dead writer's lock is taken over
+    except RunLockedError:  # rank 0's writer still lives (another rank crashed): it records its end
+        return
+    try:
+        status = read_json(fs, f"{path}/status.json")
+        end = utc_now()
+        status.update(status="failed", reason=reason, end_time=end)
+        if status["attempts"]:
+            status["attempts"][-1].update(end_time=end, status="failed", reason=reason)
+        write_atomic(fs, f"{path}/status.json", json.dumps(status, indent=2).encode())
+    finally:
+        lock.release()
 
 
 # Signals that stop a run (vlforge.engine.STOP_SIGNALS): USR2 (submitit's --signal, before
