@@ -46,7 +46,7 @@ class StepTimer:
         self.step_seconds = 0.0
         self.steps = 0
         self.samples = 0
-        self.tokens = 0
+        self.tokens: torch.Tensor | int = 0  # a host tensor sum: read (int) only at log steps
         self._step_start = 0.0
 
     def begin_step(self) -> None:
@@ -77,7 +77,7 @@ class StepTimer:
         mask = batch.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             self.samples += mask.shape[0]
-            self.tokens += int(mask.sum()) if mask.device.type == "cpu" else mask.numel()
+            self.tokens = self.tokens + (mask.sum() if mask.device.type == "cpu" else mask.numel())
         else:
             first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
             self.samples += first.shape[0] if first is not None else 0
@@ -98,7 +98,7 @@ class StepTimer:
         metrics |= {
             "sys/step_s": self.step_seconds / self.steps,
             "sys/samples_per_s_per_gpu": self.samples / wall,
-            "sys/tokens_per_s_per_gpu": self.tokens / wall,
+            "sys/tokens_per_s_per_gpu": int(self.tokens) / wall,
             "sys/host_rss_gb": host_rss_bytes() / _GB,
         }
         if self.cuda:
