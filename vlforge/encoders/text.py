@@ -45,7 +45,11 @@ class HFText(nn.Module):
         self.max_length = max_length
         self.pool_type = pool
         self.proj = nn.Linear(self.width, embed_dim, bias=False) if embed_dim else None
-        self.causal = any(getattr(module, "is_causal", False) for module in model.modules())
+        self.causal = (
+            getattr(model.config, "is_decoder", False)
+            or model.config.model_type in CAUSAL_MODEL_TYPES
+            or any(getattr(module, "is_causal", False) for module in model.modules())
+        )
 
     def shard_units(self) -> list[nn.Module]:
         """FSDP/compile units (``ShardUnitsLike``): the transformer layers that run here."""
@@ -89,6 +93,12 @@ class HFText(nn.Module):
         return TextOutput(
             tokens=tokens, pooled=pooled, embedding=self.project(pooled), attention_mask=attention_mask
         )
+
+
+# Text models whose forward makes its own causal mask from the 2-D padding mask (transformers'
+# create_causal_mask) although no attention module says ``is_causal``: a prepared mask must
+# then carry the causal pattern itself, since transformers takes a 4-D mask as it is.
+CAUSAL_MODEL_TYPES = frozenset({"clip_text_model"})
 
 
 def prepared_mask(attention_mask: torch.Tensor, implementation: str, causal: bool) -> torch.Tensor:

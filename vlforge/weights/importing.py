@@ -27,7 +27,7 @@ _OPEN_CLIP_FILES = (
 def load_init_weights(model: nn.Module, source: str) -> None:
     """Load ``source``'s weights into a built model (every rank may call it)."""
     path = Path(source)
-    if "://" in source or ckpt.NAME.search(source):
+    if "://" in source or _names_a_checkpoint(source):
         ckpt.load_model_weights(model, source)
     elif path.is_dir() and (path / EXPORT_MANIFEST).is_file():
         load_mapped(model, read_weights(path / "model.safetensors"), [], source, complete=("",))
@@ -54,6 +54,15 @@ def load_init_weights(model: nn.Module, source: str) -> None:
         load_open_clip(model, path, source)
     else:
         ckpt.load_model_weights(model, source)  # a run directory (or an error naming it)
+
+
+def _names_a_checkpoint(source: str) -> bool:
+    """Whether ``source`` is a vlforge checkpoint (``step_XXXXXXXX`` directory or legacy file)."""
+    try:
+        ckpt.step_of(source)
+    except ValueError:
+        return False
+    return True
 
 
 def vision_activation(vision: nn.Module) -> str:

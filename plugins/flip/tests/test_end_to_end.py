@@ -115,8 +115,8 @@ def test_tuning_run_starts_from_the_pretrained_weights(pretrained):
     assert main(["run", str(recipe), *overrides, "--runs-root", str(root)]) == 0
     tuned = only_new_run(root, {run_id})
     assert set(metric(root, tuned, "flip/mask_ratio").values()) == {0.0}
-    before = ckpt.load_checkpoint(ckpt.latest_checkpoint(source))["model"]
-    after = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir(root, tuned)))["model"]
+    before = ckpt.read_model_state(source)
+    after = ckpt.read_model_state(run_dir(root, tuned))
     assert before.keys() == after.keys()
     assert all(torch.equal(before[key], after[key]) for key in before)  # lr 0: loaded, unchanged
 
@@ -124,6 +124,7 @@ def test_tuning_run_starts_from_the_pretrained_weights(pretrained):
 def test_init_from_names_a_missing_or_unfitting_source(tmp_path):
     with pytest.raises(UserError, match="no checkpoint in"):
         ckpt.load_model_weights(torch.nn.Linear(2, 2), str(tmp_path / "no-such-run"))
-    ckpt.save_checkpoint(str(tmp_path / "run"), 1, {"model": torch.nn.Linear(2, 3).state_dict()}, keep=1)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a legacy single-file checkpoint
+    torch.save({"model": torch.nn.Linear(2, 3).state_dict()}, tmp_path / "run/checkpoints/step_00000001.pt")
     with pytest.raises(UserError, match="does not fit this model"):
         ckpt.load_model_weights(torch.nn.Linear(2, 2), str(tmp_path / "run"))
