@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -81,3 +82,17 @@ def runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "runs"
     monkeypatch.setenv("VLFORGE_RUNS", str(root))
     return root
+
+
+@pytest.fixture
+def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """install_plugin("name", source) -> 'plugins=["name"]': a one-file plugin module that this
+    process and the processes it starts (spawned ranks, Slurm jobs: PYTHONPATH) import by name."""
+
+    def _install(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        return f'plugins=["{name}"]'
+
+    return _install

@@ -7,8 +7,6 @@ leaves out its frozen LM (rebuilt from the recipe), and its resume is bitwise to
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 from vlforge import checkpoint as ckpt
@@ -50,10 +48,8 @@ SHRINK = {
 
 
 @pytest.fixture
-def interrupt_plugin(tmp_path, monkeypatch) -> str:
-    (tmp_path / "interrupt_plugin.py").write_text(textwrap.dedent(INTERRUPT_PLUGIN))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return 'plugins=["interrupt_plugin"]'
+def interrupt_plugin(install_plugin) -> str:
+    return install_plugin("interrupt_plugin", INTERRUPT_PLUGIN)
 
 
 @pytest.mark.parametrize("name", sorted(SHRINK))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import textwrap
 
@@ -52,13 +51,11 @@ def vlforge_register_components(registry):
 
 
 @pytest.fixture
-def wds_recipe(tmp_path, monkeypatch, write, tiny_recipe):
+def wds_recipe(tmp_path, install_plugin, write, tiny_recipe):
     """The tiny recipe on 8 packed shards of 6 shapes (train) + 1 (val), two workers, 8 steps of 8."""
     write_shapes_folder(tmp_path / "images", 54, image_size=32)
     pack(str(tmp_path / "images"), str(tmp_path / "shards"), shard_size=6, progress=False)
-    (tmp_path / "data_e2e_plugin.py").write_text(textwrap.dedent(RECORDING_PLUGIN))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    install_plugin("data_e2e_plugin", RECORDING_PLUGIN)
     base = (
         tiny_recipe.read_text()
         .split("[data]")[0]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -61,11 +59,11 @@ def vlforge_register_components(registry):
 
 
 @pytest.fixture
-def test_plugin(tmp_path, monkeypatch) -> list[str]:
-    (tmp_path / "engine_test_plugin.py").write_text(textwrap.dedent(TEST_PLUGIN))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    return ['plugins=["engine_test_plugin"]', 'objectives.contrastive.type="test.wrapped_clip"']
+def test_plugin(install_plugin) -> list[str]:
+    return [
+        install_plugin("engine_test_plugin", TEST_PLUGIN),
+        'objectives.contrastive.type="test.wrapped_clip"',
+    ]
 
 
 def losses(root, run_id: str) -> dict[int, float]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import textwrap
 import time
 from pathlib import Path
 
@@ -142,12 +140,12 @@ def vlforge_register_components(registry):
 
 
 @pytest.fixture
-def failing_plugin(tmp_path, monkeypatch) -> list[str]:
-    (tmp_path / "failing_test_plugin.py").write_text(textwrap.dedent(FAILING_PLUGIN))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+def failing_plugin(install_plugin, monkeypatch) -> list[str]:
     monkeypatch.setenv("VLFORGE_CHECK_COLLECTIVES", "1")
-    return ['plugins=["failing_test_plugin"]', 'objectives.contrastive.type="test.failing_clip"']
+    return [
+        install_plugin("failing_test_plugin", FAILING_PLUGIN),
+        'objectives.contrastive.type="test.failing_clip"',
+    ]
 
 
 @pytest.mark.slow

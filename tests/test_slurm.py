@@ -84,12 +84,9 @@ def cluster() -> None:
 
 
 @pytest.fixture
-def plugin(tmp_path, monkeypatch) -> str:
+def plugin(install_plugin) -> str:
     """The test plugin's recipe override; PYTHONPATH reaches the jobs (sbatch exports the env)."""
-    (tmp_path / "slurm_test_plugin.py").write_text(textwrap.dedent(SLURM_TEST_PLUGIN))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    return 'plugins=["slurm_test_plugin"]'
+    return install_plugin("slurm_test_plugin", SLURM_TEST_PLUGIN)
 
 
 # --------------------------------------------------------------------------- helpers
