@@ -58,7 +58,16 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str], Path, Path]:
     site = next((venv / "lib").glob("python*/site-packages"))
     (site / "test-environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     run(
-        [*pip, "--python", str(venv / "bin/python"), "install", "--no-deps", str(wheel)],
+        # --ignore-installed: the test environment (seen through the .pth) has vlforge too
+        [
+            *pip,
+            "--python",
+            str(venv / "bin/python"),
+            "install",
+            "--no-deps",
+            "--ignore-installed",
+            str(wheel),
+        ],
         tmp,
         dict(os.environ),
     )
