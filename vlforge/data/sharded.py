@@ -298,10 +298,13 @@ def _items_with_epoch(
 ) -> Iterator[tuple[Position, Any, int]]:
     """``reader_items`` plus the epoch each item belongs to (a leftover unit's own epoch)."""
     if start.epoch == LEFTOVER:
+        units: dict[int, Sequence[Any]] = {}  # each epoch's units listed once, not once per leftover
         for cursor in range(start.cursor, len(leftover)):
             item = leftover[cursor]
             offset = max(start.offset if cursor == start.cursor else 0, item.offset)
-            unit = source.units(item.epoch, seed)[item.index]
+            if item.epoch not in units:
+                units[item.epoch] = source.units(item.epoch, seed)
+            unit = units[item.epoch][item.index]
             for position, raw in _unit_items(source, unit, LEFTOVER, cursor, offset):
                 yield position, raw, item.epoch
         start = Position(resume_epoch)
