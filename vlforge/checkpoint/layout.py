@@ -169,10 +169,12 @@ def verify(url: str, checksums: bool = True, share: tuple[int, int] = (0, 1)) ->
     rank, world = share
     for name, part in sorted(manifest["parts"].items())[rank::world]:
         file = f"{path}/{name}"
-        if not fs.exists(file):
+        try:
+            size = fs.size(file)  # one stat per file (a request each on object stores)
+        except FileNotFoundError:
             return f"{name} is missing"
-        if fs.size(file) != part["size"]:
-            return f"{name} has {fs.size(file)} bytes, the manifest says {part['size']} (truncated?)"
+        if size != part["size"]:
+            return f"{name} has {size} bytes, the manifest says {part['size']} (truncated?)"
         if checksums and sha256_file(fs, file) != part["sha256"]:
             return f"{name} does not match its sha256 checksum (damaged)"
     return None
