@@ -77,7 +77,7 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
 def latest_checkpoint(run_dir: str) -> str | None:
     """The newest committed checkpoint whose files are all there with their recorded sizes.
 
-    Cheap (no file is read); :func:`verify` with checksums is what a resume runs.
+    Cheap (only manifests are read; no shard); :func:`verify` with checksums is what a resume runs.
     """
     for _, url in reversed(list_checkpoints(run_dir)):
         if verify(url, checksums=False) is None:

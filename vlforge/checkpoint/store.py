@@ -2,9 +2,9 @@
 
 Model and optimizer state go through ``get_state_dict``/``set_state_dict``, which give the same
 fully-qualified keys for a plain module, a DDP replica and a ``fully_shard``-ed (FSDP2) one: a
-replicated tensor is written once (by rank 0), a sharded one by each rank for its shard, and on
-load each rank reads only the chunks that overlap what it holds, whatever the world size was at
-save. The rest of the run's state (small, picklable) is rank 0's ``train_state.pt``.
+replicated tensor is written once (DCP spreads them over the ranks), a sharded one by each rank
+for its shard, and on load each rank reads only the chunks that overlap what it holds, whatever
+the world size was at save. The rest of the run's state (small, picklable) is rank 0's ``train_state.pt``.
 """
 
 from __future__ import annotations
