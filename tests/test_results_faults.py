@@ -218,6 +218,29 @@ def test_damaged_index_is_rebuilt_from_the_run_directories(tmp_path: Path, damag
     assert table_contents(tmp_path) == healthy
 
 
+def test_an_unchanged_root_is_not_reindexed_until_a_run_changes_or_turns_stale(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    index = tmp_path / "index.duckdb"
+    build_index(str(tmp_path))
+    built = index.stat().st_ino  # every publication is a new file (os.replace)
+    build_index(str(tmp_path))
+    assert index.stat().st_ino == built  # nothing new: the index is neither copied nor rewritten
+
+    make_run(tmp_path, steps=range(3))
+    build_index(str(tmp_path))
+    assert index.stat().st_ino != built
+    assert rows(tmp_path, "SELECT count(*) FROM runs") == [(2,)]
+
+    live = RunWriter.create(str(tmp_path), "exp", recipe_name="tiny", recipe_toml="", config={})
+    live.log_metrics(0, {"loss": 1.0})
+    live.flush()  # and no heartbeat after this
+    build_index(str(tmp_path), stale_after=2)
+    assert rows(tmp_path, f"SELECT status FROM runs WHERE run_id = '{live.run_id}'") == [("running",)]
+    time.sleep(2.2)  # the run's files stay as they were; its heartbeat ages past stale_after
+    build_index(str(tmp_path), stale_after=2)
+    assert rows(tmp_path, f"SELECT status FROM runs WHERE run_id = '{live.run_id}'") == [("stale",)]
+
+
 # -- locks --------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ when the listing shows that ``status.json`` changed (size or modification time).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -191,18 +192,56 @@ def build_index(
 def _build_into(
     fs: fsspec.AbstractFileSystem, root_path: str, index_path: str, rebuild: bool, stale_after: float
 ) -> None:
+    runs = scan(fs, root_path)
+    digest = _scan_digest(runs)
+    if not rebuild and _unchanged(fs, index_path, digest, stale_after):
+        return  # nothing to ingest: no copy, no rewrite (every read command refreshes)
     with _working_copy(fs, index_path, rebuild) as db:
         con = duckdb.connect(db)
         try:
-            _update(con, fs, scan(fs, root_path), stale_after)
+            _update(con, fs, runs, stale_after)
             con.execute(
                 "CREATE OR REPLACE TABLE index_info AS SELECT ? AS schema_version, "
-                "now()::TIMESTAMP AS built_at, ? AS root, ? AS stale_after_s",
-                [SCHEMA_VERSION, to_url(fs, root_path), stale_after],
+                "now()::TIMESTAMP AS built_at, ? AS root, ? AS stale_after_s, ? AS scan_digest",
+                [SCHEMA_VERSION, to_url(fs, root_path), stale_after, digest],
             )
             con.execute("CHECKPOINT")
         finally:
             con.close()
+
+
+def _scan_digest(runs: dict[str, RunFiles]) -> str | None:
+    """What the index was built from; None where the store gives no stamps (always reindex)."""
+    if any(run.status_stamp is None for run in runs.values()):
+        return None
+    seen = [[d, run.status_stamp, run.chunks, run.checkpoints] for d, run in sorted(runs.items())]
+    return hashlib.sha256(json.dumps(seen, sort_keys=True).encode()).hexdigest()
+
+
+def _unchanged(
+    fs: fsspec.AbstractFileSystem, index_path: str, digest: str | None, stale_after: float
+) -> bool:
+    """Whether the published local index was built from these very files and is still current.
+
+    Current: same ``stale_after`` and no ``running`` run's heartbeat has aged past it since. Any
+    trouble reading it (missing, damaged, an older layout) means rebuild; a remote index is not
+    downloaded to find out.
+    """
+    if digest is None or not isinstance(fs, LocalFileSystem) or not fs.exists(index_path):
+        return False
+    cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=stale_after)
+    try:
+        with duckdb.connect(index_path, read_only=True) as con:
+            same = con.execute(
+                "SELECT schema_version = ? AND scan_digest = ? AND stale_after_s = ? FROM index_info",
+                [SCHEMA_VERSION, digest, stale_after],
+            ).fetchall()
+            aging = con.execute(
+                "SELECT count(*) FROM runs WHERE status = 'running' AND heartbeat < ?", [cutoff]
+            ).fetchall()
+    except duckdb.Error:
+        return False
+    return same == [(True,)] and aging == [(0,)]
 
 
 def first_line(error: BaseException) -> str:

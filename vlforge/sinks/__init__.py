@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import Field, model_validator
 
@@ -52,26 +52,33 @@ class Sink(Protocol):
         """The run ended with ``status`` (completed, failed, interrupted, preempted)."""
 
 
-def _require(module: str, extra: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise ValueError(
-            f"this sink needs the '{module}' package, which is not installed: pip install 'vlforge[{extra}]'"
-        )
+class _TrackerConfig(ComponentConfig):
+    """A tracker's config: validating it checks that the tracker's package is installed."""
 
-
-class TensorBoardConfig(ComponentConfig):
-    """``[sinks.<name>] type = "tensorboard"``: event files, by default in <run dir>/tensorboard."""
-
-    log_dir: str | None = Field(None, description="where event files go; default <run dir>/tensorboard")
+    _package: ClassVar[str]  # the module to import; the vlforge extra of the same name installs it
 
     @model_validator(mode="after")
-    def _installed(self) -> TensorBoardConfig:
-        _require("tensorboard", "tensorboard")
+    def _installed(self) -> _TrackerConfig:
+        if importlib.util.find_spec(self._package) is None:
+            raise ValueError(
+                f"this sink needs the '{self._package}' package, which is not installed: "
+                f"pip install 'vlforge[{self._package}]'"
+            )
         return self
 
 
-class WandbConfig(ComponentConfig):
+class TensorBoardConfig(_TrackerConfig):
+    """``[sinks.<name>] type = "tensorboard"``: event files, by default in <run dir>/tensorboard."""
+
+    _package = "tensorboard"
+
+    log_dir: str | None = Field(None, description="where event files go; default <run dir>/tensorboard")
+
+
+class WandbConfig(_TrackerConfig):
     """``[sinks.<name>] type = "wandb"``: a Weights & Biases run whose id is the vlforge run id."""
+
+    _package = "wandb"
 
     project: str | None = Field(None, description="W&B project; default the recipe's experiment")
     entity: str | None = None
@@ -80,23 +87,15 @@ class WandbConfig(ComponentConfig):
     group: str | None = None
     tags: list[str] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _installed(self) -> WandbConfig:
-        _require("wandb", "wandb")
-        return self
 
-
-class MlflowConfig(ComponentConfig):
+class MlflowConfig(_TrackerConfig):
     """``[sinks.<name>] type = "mlflow"``: an MLflow run on any tracking server or store."""
+
+    _package = "mlflow"
 
     tracking_uri: str | None = Field(None, description="default: MLflow's own (MLFLOW_TRACKING_URI)")
     experiment: str | None = Field(None, description="MLflow experiment; default the recipe's experiment")
     tags: dict[str, str] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _installed(self) -> MlflowConfig:
-        _require("mlflow", "mlflow")
-        return self
 
 
 def _tensorboard(config: TensorBoardConfig, ctx: BuildContext) -> Sink:
