@@ -16,7 +16,6 @@ Goal: EMA update + queue update under 5% of the step. Writes bench/results/albef
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from record import record  # bench/ is on sys.path when run as a script
 from vlforge_plugins.albef.mlm import mask_tokens, masked_logits
 
 from vlforge.components import BuildContext
@@ -32,7 +32,6 @@ from vlforge.model import Progress, Step, build_component, build_model
 from vlforge.recipe import load_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "albef_tiny.toml"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -124,8 +123,7 @@ def main() -> None:
         print(f"{name:<18} {value:9.2f}")
     fraction = result["ema_plus_queue_fraction"]
     print(f"EMA + queue update: {100 * fraction:.2f}% of the step (goal < 5%)")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "albef_step.json").write_text(json.dumps(result, indent=2) + "\n")
+    record("albef_step", result)
 
 
 if __name__ == "__main__":

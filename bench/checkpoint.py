@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from record import record  # bench/ is on sys.path when run as a script
 from torch import nn
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -216,14 +216,13 @@ def main() -> None:
             f"  async   training blocked {a['blocked_s']:6.2f} s, "
             f"committed after {a['until_commit_s']:6.2f} s (peak RSS {times(a['save_peak_rss'])})"
         )
-    RESULTS.mkdir(exist_ok=True)
     for row in rows:  # the ratios printed above, recorded too
         for name in ("legacy", "dcp", "dcp_async"):
             for key in [k for k in row.get(name, {}) if k.endswith("peak_rss")]:
                 ratio = (row[name][key] - row["rss_empty"]) / row["share_bytes"]
                 row[name][key.replace("peak_rss", "peak_over_share")] = round(ratio, 3)
     result = {"parameters": params, "ranks": 2, "device": "cpu", "rows": rows}
-    (RESULTS / "checkpoint.json").write_text(json.dumps(result, indent=2) + "\n")
+    record("checkpoint", result)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,15 @@ bench/results/cli_startup.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from record import record  # bench/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 HEAVY = ("torch", "timm", "transformers", "duckdb", "submitit")
 PROBE = (
     "import sys; from vlforge.cli import main\n"
@@ -61,10 +61,7 @@ def main() -> None:
         seconds, heavy = measure(cmd, args.repeat)
         rows[name] = {"median_s": round(seconds, 4), "heavy_imports": heavy.split(",") if heavy else []}
         print(f"{name:32s} {seconds * 1000:7.0f} ms   heavy imports: {heavy or 'none'}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cli_startup.json").write_text(
-        json.dumps({"repeat": args.repeat, "commands": rows}, indent=2) + "\n"
-    )
+    record("cli_startup", {"repeat": args.repeat, "commands": rows})
 
 
 if __name__ == "__main__":

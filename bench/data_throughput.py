@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import platform
 import statistics
@@ -36,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from record import record  # bench/ is on sys.path when run as a script
 
 from vlforge import data
 from vlforge.components import BuildContext
 from vlforge.data.pack import pack
 from vlforge.data.tokenizers import load_tokenizer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BERT = Path(__file__).resolve().parents[1] / "plugins" / "flip" / "tokenizers" / "bert-base-uncased"
 VIT_H_DATA_CONFIG = {  # open_clip / timm ViT-H-14 CLIP preprocessing
     "input_size": (3, 224, 224),
@@ -177,8 +176,7 @@ def main() -> None:
         f"FLIP ViT-H/14 A100 step ~{step_s:.2f} s (assumed) needs {needed:.0f} samples/s/GPU "
         f"= {result['flip_vith14_a100']['workers_needed_per_gpu']} workers per GPU"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "data_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    record("data_throughput", result)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from record import record  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("quickstart", "flip_tiny", "albef_tiny", "flamingo_tiny")
@@ -74,15 +75,13 @@ def main() -> None:
             }
             results.setdefault(recipe, {})[mode] = figures
             print(recipe, mode, json.dumps(figures), flush=True)
-    out_file = ROOT / "bench" / "results" / "ddp_vs_fsdp.json"
-    record = {
+    figures = {
         "device": "cpu, 2 gloo ranks",
         "torch": torch.__version__,
         "steps": args.steps,
         "results": results,
     }
-    out_file.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out_file}")
+    print(f"wrote {record('ddp_vs_fsdp', figures)}")
 
 
 if __name__ == "__main__":

@@ -18,15 +18,14 @@ Prints a table and writes bench/results/flamingo_step.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from record import record  # bench/ is on sys.path when run as a script
 from vlforge_plugins.flamingo import GatedXAttnConfig, PerceiverConfig, build_gated_xattn, build_perceiver
 from vlforge_plugins.flamingo.data import interleaved_labels
 from vlforge_plugins.flamingo.objective import lm_loss
@@ -34,7 +33,6 @@ from vlforge_plugins.flamingo.objective import lm_loss
 from vlforge.components import BuildContext
 from vlforge.encoders import TimmViTConfig, build_timm_vit
 
-RESULTS = Path(__file__).resolve().parent / "results"
 EVERY = (1, 2, 4)
 SIZES = {  # LM width/layers/heads, vision width, batch, text length, images per sequence
     "full": {"width": 512, "layers": 8, "heads": 8, "vision": 192, "batch": 8, "length": 256, "images": 4},
@@ -202,9 +200,8 @@ def main() -> None:
         "paper": "Flamingo-3B ablation: xattn every 4th layer ≈66% faster than every layer",
         "results": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "flamingo_step.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {RESULTS / 'flamingo_step.json'}")
+    path = record("flamingo_step", result)
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":

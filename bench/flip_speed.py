@@ -22,21 +22,19 @@ Writes bench/results/flip_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
+from record import record  # bench/ is on sys.path when run as a script
 from vlforge_plugins.flip.masking import RandomMasking, StepGenerator, keep_count
 
 from vlforge.encoders import TimmViTConfig
 from vlforge.encoders.vision import TimmViT, build_timm_vit
 
 RATIOS = (0.0, 0.5, 0.75)
-RESULTS = Path(__file__).resolve().parent / "results"
 VIT_B16 = TimmViTConfig(
     model="vit_base_patch16_224",
     pool="avg",
@@ -178,8 +176,7 @@ def main() -> None:
         "process_peak_rss_mb": round(peak_rss_mb, 1),
         "results": results,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "flip_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    record("flip_speed", result)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ Prints a table and writes bench/results/overhead.json. Goal: vlforge within 3%.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from record import record  # bench/ is on sys.path when run as a script
 
 from vlforge.engine import Trainer, lr_factor, parameter_groups, to_device
 from vlforge.model import Progress
@@ -26,7 +26,6 @@ from vlforge.recipe import load_recipe
 from vlforge.results.rundir import RunWriter
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_trainer(steps: int, root: str) -> Trainer:
@@ -110,8 +109,7 @@ def main() -> None:
     print(f"\nplain loop   {plain:8.2f} steps/s (median of {args.rounds})")
     print(f"vlforge      {engine:8.2f} steps/s")
     print(f"ratio        {engine / plain:8.3f}  (goal ≥ 0.97)")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    record("overhead", result)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Prints a table and writes bench/results/peers.json (machine, torch, sizes, load 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -39,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from flip_speed import RESULTS  # bench/ is on sys.path when run as a script
+from record import RESULTS, record  # bench/ is on sys.path when run as a script
 from torch import nn
 from vlforge_plugins.flamingo.data import interleaved_labels
 
@@ -433,8 +432,7 @@ def main() -> None:
         "sizes": sizes,
         "results": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"peers{'_smoke' if args.smoke else ''}.json").write_text(json.dumps(result, indent=2) + "\n")
+    record(f"peers{'_smoke' if args.smoke else ''}", result)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from record import record  # bench/ is on sys.path when run as a script
+
 from vlforge.results import RunWriter, build_index, connect, query
 from vlforge.results.index import flatten_config
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
-RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("train/loss", "train/lr", "train/samples_per_s", "train/epoch", "train/grad_norm")
 LR_VALUES, RATIOS, SEEDS = (1e-4, 3e-4, 1e-3), (0.0, 0.25, 0.5, 0.75), 5
 
@@ -340,8 +341,7 @@ def main() -> None:
     curve_run = sorted(p.name for p in Path(root, "bench").iterdir())[args.runs // 2]
     ours = bench_vlforge(root, args.runs, args.steps, curve_run)
     theirs = None if args.no_mlflow else bench_mlflow(root, args.dir, curve_run)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "results_index.json").write_text(json.dumps(report(args, gen_s, ours, theirs), indent=2))
+    record("results_index", report(args, gen_s, ours, theirs))
 
 
 if __name__ == "__main__":

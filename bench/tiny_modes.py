@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import record  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("quickstart", "flip_tiny", "albef_tiny", "flamingo_tiny")
@@ -108,10 +109,8 @@ def main() -> None:
                 figures = measure(name, mode, args, f"{scratch}/{name}-{mode}")
                 results.setdefault(name, {})[mode] = figures
                 print(name, mode, json.dumps({k: round(v, 4) for k, v in figures.items()}), flush=True)
-    out = ROOT / "bench" / "results" / ("tiny_modes_cpu.json" if args.cpu else "tiny_modes.json")
-    record = {"device": device, "torch": torch.__version__, "steps": args.steps, "results": results}
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    figures = {"device": device, "torch": torch.__version__, "steps": args.steps, "results": results}
+    print(f"wrote {record('tiny_modes_cpu' if args.cpu else 'tiny_modes', figures)}")
 
 
 if __name__ == "__main__":

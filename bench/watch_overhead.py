@@ -21,7 +21,6 @@ Prints a table and writes bench/results/watch_overhead.json. Goal: watched ≥ 0
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import record  # bench/ is on sys.path when run as a script
 
 from vlforge.engine import Trainer
 from vlforge.launch.worker import LIVE_FLUSH_S
@@ -38,7 +38,6 @@ from vlforge.sinks.fanout import SinkSet, open_sinks
 from vlforge.steptimer import StepTimer
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class NoTimer:
@@ -202,8 +201,7 @@ def main() -> None:
     print(f"watched  {watched:8.3f} steps/s (tensorboard + wandb offline + mlflow + system metrics)")
     print(f"ratio    {watched / bare:8.3f}  (goal ≥ 0.98)")
     print(f"accounted overhead {100 * statistics.median(accounted):.2f} % of training time (goal ≤ 2 %)")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "watch_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    record("watch_overhead", result)
 
 
 if __name__ == "__main__":
