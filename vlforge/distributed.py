@@ -190,14 +190,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_gather_object(obj: object) -> list[object]:
     """Every rank's ``obj``, indexed by rank (a one-element list in a single process)."""
     if not is_distributed():

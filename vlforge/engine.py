@@ -173,6 +173,8 @@ class Trainer:
         seed_everything(recipe.seed + 1000 * dist.rank())  # per-rank randomness from here on
         self.stream = make_stream(self.data, self.micro_batch, recipe.seed, train.num_workers)
         self.wrapped: nn.Module = parallel.apply(model, recipe, self.device, world)  # what the step calls
+        # What gradient clipping reads each step, listed once (after FSDP made its parameters DTensors).
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         lr = recipe.optim.lr * (train.batch_size / 256 if recipe.optim.lr_scaling == "per256" else 1)
         groups = [group | {"lr": lr * group["lr_scale"]} for group in parameter_groups(model, recipe.optim)]
         optimizer = torch.optim.AdamW(
@@ -297,9 +299,7 @@ class Trainer:
         self.plugins.call("vlforge_after_backward", state=state)
         with self.timer.phase("optimizer"):
             if self.recipe.train.grad_clip:
-                sums["grad_norm"] = parallel.clip_grad_norm(
-                    list(self.model.parameters()), self.recipe.train.grad_clip
-                )
+                sums["grad_norm"] = parallel.clip_grad_norm(self.trainable, self.recipe.train.grad_clip)
             state.optimizer.step()
             state.scheduler.step()
             state.optimizer.zero_grad(set_to_none=True)

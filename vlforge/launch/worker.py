@@ -82,10 +82,7 @@ def run_job(job: RunJob) -> str:
         try:
             return run_evaluation(job, job.evaluate, recipe, plugins)
         finally:
-            if dist.is_distributed():
-                import torch.distributed
-
-                torch.distributed.destroy_process_group()
+            _leave_process_group()
     run = _open_run(job, recipe, plugins) if dist.rank() == 0 else None
     status, reason, failed = "failed", None, False
     with RunLog(job.run_dir) if run is not None else nullcontext():
@@ -116,11 +113,18 @@ def run_job(job: RunJob) -> str:
                 )
                 run.close(status, reason)
                 _refresh_index(job.root)
-            if dist.is_distributed() and not failed:  # after a failure, peers may never join a teardown
-                import torch.distributed
-
-                torch.distributed.destroy_process_group()
+            if not failed:  # after a failure, peers may never join a teardown
+                _leave_process_group()
     return status
+
+
+def _leave_process_group() -> None:
+    import torch.distributed
+
+    from vlforge import distributed as dist
+
+    if dist.is_distributed():
+        torch.distributed.destroy_process_group()
 
 
 def _open_run(job: RunJob, recipe, plugins):
