@@ -227,7 +227,7 @@ def refuse_resume_overrides(run_dir: str, overrides: list[str]) -> None:
     changed = []
     for text in overrides:
         key, value = parse_override(text)
-        wanted = flatten({key: value}) if isinstance(value, dict) and value else {key: value}
+        wanted = flatten({key: value})  # a table override: each of its keys
         if key.startswith("launch.") or all(saved.get(k, _ABSENT) == v for k, v in wanted.items()):
             continue
         has = ", ".join(f"{k} = {saved[k]!r}" if k in saved else f"no {k}" for k in wanted)
