@@ -462,7 +462,9 @@ def inherit(base: RawRecipe, own: RawRecipe, deletions: list[str], replaced: lis
             own.path,
             [
                 Problem(
-                    DELETE_KEY, f"'{key}' is not set by the base recipe (its tables: {inherited})", own.path
+                    DELETE_KEY,
+                    f"'{key}' is not set by the base recipe (its top-level keys: {inherited})",
+                    own.path,
                 )
                 for key in missing
             ],
