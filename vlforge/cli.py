@@ -226,6 +226,10 @@ def refuse_resume_overrides(run_dir: str, overrides: list[str]) -> None:
     saved = flatten(read_toml(f"{run_dir}/recipe.toml").data)  # the resolved recipe: every key is there
     changed = []
     for text in overrides:
+        if text.startswith("~"):  # a deletion changes the recipe unless it is launch.*
+            if not text.startswith("~launch."):
+                changed.append(f"{text.strip()} (the run has {text[1:]})")
+            continue
         key, value = parse_override(text)
         wanted = flatten({key: value})  # a table override: each of its keys
         if key.startswith("launch.") or all(saved.get(k, _ABSENT) == v for k, v in wanted.items()):
