@@ -151,6 +151,8 @@ def test_resume_refuses_overrides_it_cannot_honour(tiny_recipe, runs_root, capsy
     refuse_resume_overrides(str(run_dir), ["launch.nproc=2", "optim.lr=1e-3", "train.steps=6"])
     with pytest.raises(UserError, match=r"model.vision.depth=3 \(the run has model.vision.depth = 2\)"):
         refuse_resume_overrides(str(run_dir), ["model.vision.depth=3"])
+    with pytest.raises(UserError, match=r"~data.train_size \(the run has data.train_size\)"):
+        refuse_resume_overrides(str(run_dir), ["~launch.profile", "~data.train_size"])
 
 
 def test_a_table_wide_error_names_the_table(tiny_recipe):

@@ -273,3 +273,11 @@ def test_unrepresentable_models_are_refused(tiny_recipe, runs_root, tmp_path, ca
         main(["export", str(tmp_path / "nowhere"), "--format", "open_clip", "-o", str(tmp_path / "y")]) == 2
     )
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_export_choices_are_the_exporters():
+    # The CLI lists the formats without importing torch; they must be the ones export() knows.
+    from vlforge.weights.commands import FORMATS
+    from vlforge.weights.export import EXPORTERS
+
+    assert tuple(EXPORTERS) == FORMATS

@@ -226,8 +226,12 @@ def refuse_resume_overrides(run_dir: str, overrides: list[str]) -> None:
     saved = flatten(read_toml(f"{run_dir}/recipe.toml").data)  # the resolved recipe: every key is there
     changed = []
     for text in overrides:
+        if text.startswith("~"):  # a deletion changes the recipe unless it is launch.*
+            if not text.startswith("~launch."):
+                changed.append(f"{text.strip()} (the run has {text[1:]})")
+            continue
         key, value = parse_override(text)
-        wanted = flatten({key: value}) if isinstance(value, dict) and value else {key: value}
+        wanted = flatten({key: value})  # a table override: each of its keys
         if key.startswith("launch.") or all(saved.get(k, _ABSENT) == v for k, v in wanted.items()):
             continue
         has = ", ".join(f"{k} = {saved[k]!r}" if k in saved else f"no {k}" for k in wanted)

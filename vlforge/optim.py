@@ -59,13 +59,14 @@ def apply_locks(model: nn.Module, optim: OptimSection) -> None:
     """Freeze the parts ``optim.lock`` names (before DDP and the optimizer see the model)."""
     for name, lock in optim.lock.items():
         key = f"optim.lock.{name}"
-        layers, count = block_positions(_part(model, name, key), key)
+        part = _part(model, name, key)
+        layers, count = block_positions(part, key)
         if lock.unlocked_blocks > count:
             raise UserError(
                 f"{key}.unlocked_blocks = {lock.unlocked_blocks}, but the part has {count} blocks"
             )
         first_trained = count + 1 - lock.unlocked_blocks if lock.unlocked_blocks else count + 2
-        for param_name, param in getattr(model, name).named_parameters():
+        for param_name, param in part.named_parameters():
             if layers[param_name] < first_trained:
                 param.requires_grad_(False)
 
@@ -82,7 +83,8 @@ def lr_scales(model: nn.Module, optim: OptimSection) -> dict[str, float]:
         matches = [p for p in optim.lr_multipliers if name == p or name.startswith(f"{p}.")]
         scales[name] = optim.lr_multipliers[max(matches, key=len)] if matches else 1.0
     for part_name, decay in optim.layer_decay.items():
-        layers, count = block_positions(_part(model, part_name, f"optim.layer_decay.{part_name}"), part_name)
+        key = f"optim.layer_decay.{part_name}"
+        layers, count = block_positions(_part(model, part_name, key), key)
         for param_name, layer in layers.items():
             scales[f"{part_name}.{param_name}"] *= decay ** (count + 1 - layer)
     return scales

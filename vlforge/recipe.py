@@ -276,8 +276,8 @@ COMPONENT_SLOTS = (
 NAMED_GROUPS = {"objectives": "objective", "evaluators": "evaluator", "sinks": "sink"}
 
 
-# Keys a component table declares itself, beside its component's own options.
-TABLE_KEYS = {"objective": {"type", "weight"}, "evaluator": {"type", "data"}}
+# Kinds whose tables declare keys of their own (beside ``type``); the rest are plain ComponentTables.
+TABLE_MODELS: dict[str, type[ComponentTable]] = {"objective": ObjectiveTable, "evaluator": EvaluatorTable}
 
 
 def component_slots(names: dict[str, Iterable[str]]) -> list[tuple[str, str]]:
@@ -462,7 +462,9 @@ def inherit(base: RawRecipe, own: RawRecipe, deletions: list[str], replaced: lis
             own.path,
             [
                 Problem(
-                    DELETE_KEY, f"'{key}' is not set by the base recipe (its tables: {inherited})", own.path
+                    DELETE_KEY,
+                    f"'{key}' is not set by the base recipe (its top-level keys: {inherited})",
+                    own.path,
                 )
                 for key in missing
             ],
@@ -579,7 +581,7 @@ def validate_components(raw: RawRecipe, registry: Registry) -> tuple[dict[str, B
         except RegistryError as exc:
             problems.append(Problem(f"{key}.type", str(exc), raw.source_of(f"{key}.type")))
             continue
-        declared = TABLE_KEYS.get(kind, {"type"})
+        declared = TABLE_MODELS.get(kind, ComponentTable).model_fields  # not the component's options
         options = {name: value for name, value in table.items() if name not in declared}
         try:
             configs[key] = component.config.model_validate(options)

@@ -85,8 +85,9 @@ def load_tokenizer(spec: str) -> Any:
         vocabularies = _builtin_vocabularies()
         if name in vocabularies:
             return word_level_tokenizer(vocabularies[name])
-        if name not in builtin_names():
-            raise ValueError(f"unknown built-in tokenizer '{spec}' (valid: {', '.join(builtin_names())})")
+        problem = tokenizer_spec_problem(spec)
+        if problem is not None:
+            raise ValueError(problem)
         spec = str(shipped_folder("tokenizers") / name)
     from transformers import AutoTokenizer
 
