@@ -155,6 +155,18 @@ def test_planned_parameter_gradient_and_optimizer_bytes_are_exact(name, tmp_path
     assert rows["AdamW state"] == nbytes(t for s in state for t in s.values() if isinstance(t, torch.Tensor))
 
 
+def test_planned_bf16_frozen_bytes_are_what_cast_frozen_stores():
+    from vlforge.parallel import cast_frozen
+
+    recipe, plugins = load("flamingo_tiny", ["train.frozen_dtype=bf16", "train.precision=bf16"])
+    rows = {row.name: row.bytes for row in planned(recipe, plugins).memory}
+    model = build_model(recipe, plugins, BuildContext(recipe))
+    assert cast_frozen(model, torch.bfloat16) > 0
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert {p.dtype for p in frozen} == {torch.bfloat16, torch.float32}  # 1-D norms and biases stay fp32
+    assert rows["parameters, frozen"] == sum(p.numel() * p.element_size() for p in frozen)
+
+
 FULL_SCALE = ["flip_vith_laion2b", "albef_14m", "flamingo_3b", "flamingo_9b"]
 
 

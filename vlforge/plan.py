@@ -292,8 +292,10 @@ def parameter_bytes(model: VLModel, frozen_dtype: str) -> dict[str, int]:
             totals["trainable"] += param.numel() * param.element_size()
             totals["trainable_tensors"] += 1
         else:
-            size = 2 if frozen_dtype == "bf16" and param.is_floating_point() else param.element_size()
-            totals["frozen"] += param.numel() * size
+            # as vlforge.parallel.cast_frozen: only weight matrices (ndim >= 2) go to bf16;
+            # 1-D norm weights and biases stay fp32
+            cast = frozen_dtype == "bf16" and param.is_floating_point() and param.ndim >= 2
+            totals["frozen"] += param.numel() * (2 if cast else param.element_size())
     totals["buffers"] = sum(b.numel() * b.element_size() for b in model.buffers())
     return totals
 

@@ -95,13 +95,13 @@ def read_caption_file(url: str, image_root: str = "") -> list[Entry]:
     elif (karpathy := _karpathy(data)) is not None:
         return [_karpathy_entry(record, f"{stem}/{index}", root) for index, record in enumerate(karpathy)]
     else:
-        records = list(_json_lines(data))
+        records = list(json_lines(data))
         where = "line"
     entries = [
         _entry(record, f"{stem}/{index}", root, f"{url}:{where} {number}", failure)
         for index, (number, record, failure) in enumerate(records)
     ]
-    _warn_bad(url, [entry.problem for entry in entries if entry.problem])
+    warn_bad_records(url, [entry.problem for entry in entries if entry.problem])
     return entries
 
 
@@ -137,7 +137,7 @@ def _karpathy_entry(record: dict[str, Any], key: str, root: str) -> Entry:
     return Entry(key, join_url(root, path), captions, image_id=image_id, split=record.get("split", ""))
 
 
-def _json_lines(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
+def json_lines(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
     """(line number from 1, record, why it could not be read or None) of every non-blank line."""
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
@@ -164,7 +164,8 @@ def _entry(record: Any, key: str, root: str, where: str, failure: str | None) ->
     return Entry(key, join_url(root, record["image"]), tuple(captions), image_id=image_id)
 
 
-def _warn_bad(url: str, problems: list[tuple[str, str]]) -> None:
+def warn_bad_records(url: str, problems: list[tuple[str, str]]) -> None:
+    """Log the first ``WARNED_LINES`` skipped records of ``url`` (``(kind, detail)`` pairs), then a count."""
     for _, detail in problems[:WARNED_LINES]:
         log.warning("data: skipping %s", detail)
     if len(problems) > WARNED_LINES:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from vlforge.data.captions import _json_lines, _warn_bad
+from vlforge.data.captions import json_lines, warn_bad_records
 from vlforge.data.examples import EvalSplit, data_config_of, load_image
 from vlforge.data.sharded import BadSample
 from vlforge.data.transforms import ImagePipeline
@@ -73,7 +73,7 @@ def read_vqa_jsonl(url: str, image_root: str = "") -> tuple[list[Question], int]
     """(questions, bad lines skipped) of one JSONL file; bad lines are warned about by number."""
     root, stem = image_root or parent_url(url), url.rsplit("/", 1)[-1].split(".", 1)[0]
     questions, problems = [], []
-    for index, (number, record, failure) in enumerate(_json_lines(_read_json(url))):
+    for index, (number, record, failure) in enumerate(json_lines(_read_json(url))):
         problem = failure or _record_problem(record)
         if problem:
             problems.append(("bad_line", f"{url}:line {number}: {problem}"))
@@ -82,7 +82,7 @@ def read_vqa_jsonl(url: str, image_root: str = "") -> tuple[list[Question], int]
         image_id = str(record["image_id"]) if "image_id" in record else ""
         image = join_url(root, record["image"])
         questions.append(Question(key, image, record["question"], tuple(record["answers"]), image_id))
-    _warn_bad(url, problems)
+    warn_bad_records(url, problems)
     return questions, len(problems)
 
 
