@@ -167,6 +167,16 @@ def test_planned_bf16_frozen_bytes_are_what_cast_frozen_stores():
     assert rows["parameters, frozen"] == sum(p.numel() * p.element_size() for p in frozen)
 
 
+def test_frozen_bf16_leaves_the_ema_teacher_in_fp32():
+    from vlforge.parallel import cast_frozen
+
+    recipe, plugins = load("albef_tiny", ["train.frozen_dtype=bf16", "train.precision=bf16"])
+    model = build_model(recipe, plugins, BuildContext(recipe))
+    cast_frozen(model, torch.bfloat16)
+    assert {p.dtype for p in model.teacher.parameters()} == {torch.float32}  # updated every step
+    model.teacher.update()  # the EMA lerp towards the fp32 student (it raised on bf16 copies)
+
+
 FULL_SCALE = ["flip_vith_laion2b", "albef_14m", "flamingo_3b", "flamingo_9b"]
 
 

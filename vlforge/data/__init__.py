@@ -185,7 +185,9 @@ class InterleavedConfig(ShardStreamConfig):
 class ImageFolderConfig(ComponentConfig):
     """``[data] type = "imagefolder"``: labelled images, ``<split folder>/<class>/<image>`` (torchvision)."""
 
-    splits: dict[str, RecipePath] = Field(..., description="split name -> folder of class folders (path or URL)")
+    splits: dict[str, RecipePath] = Field(
+        ..., description="split name -> folder of class folders (path or URL)"
+    )
     image: ImageConfig = Field(default_factory=ImageConfig)
 
     def held_out_splits(self) -> list[str]:

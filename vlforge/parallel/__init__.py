@@ -38,13 +38,20 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return sorted(units.values(), key=lambda unit: sum(1 for _ in unit.modules()))
 
 
-def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+def cast_frozen(model: VLModel, dtype: torch.dtype) -> int:
     """Store the frozen weight matrices (ndim >= 2) in ``dtype``; returns how many were cast.
 
     Norm weights and biases (1-D) stay fp32: autocast runs layer norms in fp32 and
-    refuses bf16 parameters there; matrix products cast their weights anyway.
+    refuses bf16 parameters there; matrix products cast their weights anyway. The EMA
+    teacher stays fp32 too: it takes no gradients but is updated every step (its lerp
+    towards the fp32 student needs matching dtypes, and bf16 would lose small updates).
     """
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point() and p.ndim >= 2]
+    teacher = {id(p) for p in model.teacher.parameters()} if model.teacher is not None else set()
+    frozen = [
+        p
+        for p in model.parameters()
+        if not p.requires_grad and p.is_floating_point() and p.ndim >= 2 and id(p) not in teacher
+    ]
     for param in frozen:
         param.data = param.data.to(dtype)
     return len(frozen)
