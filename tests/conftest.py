@@ -96,3 +96,16 @@ def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         return f'plugins=["{name}"]'
 
     return _install
+
+
+@pytest.fixture(autouse=True)
+def thread_settings_unchanged():
+    """Fails the test that leaves another intra-op thread count behind. Float sums depend on it,
+    and tests compare a run in this process bitwise with runs in subprocesses and Slurm jobs,
+    which take OMP_NUM_THREADS from this environment."""
+    import torch
+
+    before = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    yield
+    after = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    assert after == before, f"(OMP_NUM_THREADS, torch threads) changed from {before} to {after}"

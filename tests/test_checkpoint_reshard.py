@@ -8,7 +8,7 @@ holds whatever the engine's wrapping does. After loading, the full model and opt
 from __future__ import annotations
 
 import math
-import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 
 def build(seed: int) -> nn.Module:
@@ -88,19 +89,27 @@ def worker(rank: int, world: int, port: int, run_dir: str, mode: str, report: st
             torch.save({"loaded": loaded, "train_state": train_state}, report)
         torch.save(sum(elements), f"{report}.{rank}.elements")
     if world > 1:
+        dist.barrier()  # no rank tears its gloo pairs down while a peer still reads from them
         dist.destroy_process_group()
 
 
 def run(world: int, run_dir, mode: str, report: str = "") -> None:
+    """Spawn ``world`` ranks of :func:`worker`: one thread each, importing this module by name.
+
+    The settings last only for the spawn: OMP_NUM_THREADS left in the suite's environment would
+    give every later subprocess (CLI runs, Slurm jobs) other float sums than the pytest process.
+    """
     from vlforge.launch.local import free_port
 
-    mp.spawn(worker, args=(world, free_port(), str(run_dir), mode, report), nprocs=world, join=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.syspath_prepend(str(REPO))
+        mp.spawn(worker, args=(world, free_port(), str(run_dir), mode, report), nprocs=world, join=True)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A run directory with one checkpoint saved by two FSDP2 ranks, and the state they saved."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     run_dir = tmp_path_factory.mktemp("reshard") / "run"
     run(2, run_dir, "save")
     return run_dir, torch.load(run_dir / "expected.pt", weights_only=False)
