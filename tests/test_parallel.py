@@ -68,15 +68,8 @@ class SyncRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-LM_MASK_SYNC = pytest.mark.xfail(
-    strict=True,
-    reason="transformers' causal-mask skip check (mask.all()) in Flamingo's LM: a prepared 4-D mask "
-    "breaks OPT (positions from the 2-D mask) and the gates-at-zero bitwise identity",
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [*TINY[:3], pytest.param(TINY[3], marks=LM_MASK_SYNC)])
+@pytest.mark.parametrize("name", TINY)
 def test_a_step_that_does_not_log_never_syncs_host_and_device(name, tmp_path):
     from vlforge.engine import Trainer
     from vlforge.recipe import load_recipe

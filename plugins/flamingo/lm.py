@@ -262,7 +262,7 @@ def load_causal_lm(config: GatedXAttnConfig, tokenizer: Any, meta: bool) -> nn.M
         lm = AutoModelForCausalLM.from_pretrained(config.lm, local_files_only=True)
         if vocab_size > lm.get_input_embeddings().num_embeddings:
             lm.resize_token_embeddings(vocab_size)
-        return lm
+        return with_sync_free_mask(lm)
     if config.lm:
         hf_config = AutoConfig.from_pretrained(config.lm, local_files_only=True)
     else:
@@ -273,7 +273,37 @@ def load_causal_lm(config: GatedXAttnConfig, tokenizer: Any, meta: bool) -> nn.M
         hf_config = AutoConfig.for_model(options.pop("model_type"), **options)
     hf_config.vocab_size = max(getattr(hf_config, "vocab_size", 0) or 0, vocab_size)
     with torch.device("meta") if meta else contextlib.nullcontext():
-        return AutoModelForCausalLM.from_config(hf_config)
+        return with_sync_free_mask(AutoModelForCausalLM.from_config(hf_config))
+
+
+# SDPA attention whose causal mask is always built from the 2-D padding mask.
+SYNC_FREE_SDPA = "vlforge_sdpa_always_masked"
+
+
+def with_sync_free_mask(lm: nn.Module) -> nn.Module:
+    """Run ``lm``'s SDPA attention without transformers' per-step host sync.
+
+    Given a 2-D padding mask, transformers asks whether it holds any padding
+    (``mask.all()``, a host-device sync every forward) to hand SDPA ``is_causal``
+    instead of a mask. This registers the same SDPA attention under a name whose
+    mask function never asks, so the mask is always built (batches with padding
+    build it anyway). Passing a prepared 4-D mask instead, as the text towers do,
+    would not do: OPT and others derive positions from the 2-D mask. Logits are
+    unchanged (bitwise on CPU). Other implementations (eager, flash) are left alone.
+    """
+    if lm.config._attn_implementation != "sdpa":
+        return lm
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def always_masked(*args: Any, **kwargs: Any) -> Any:  # the caller passes its own skip flag
+        return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+
+    AttentionInterface.register(SYNC_FREE_SDPA, sdpa_attention_forward)
+    AttentionMaskInterface.register(SYNC_FREE_SDPA, always_masked)
+    lm.set_attn_implementation(SYNC_FREE_SDPA)
+    return lm
 
 
 def build_flamingo_lm(config: GatedXAttnConfig, ctx: BuildContext) -> FlamingoLM:

@@ -19,6 +19,7 @@ from vlforge_plugins.flamingo.data import (
 )
 from vlforge_plugins.flamingo.generate import greedy_generate
 from vlforge_plugins.flamingo.lm import (
+    SYNC_FREE_SDPA,
     FlamingoLM,
     check_embedding_not_decayed,
     find_decoder_layers,
@@ -130,6 +131,33 @@ def test_gates_at_zero_give_the_frozen_lm_logits_bitwise(family):
     for seed in (0, 1):  # any media
         media = torch.randn(2, 2, 8, 32, generator=torch.Generator().manual_seed(seed)) * 10
         assert torch.equal(fusion(tokens["input_ids"], tokens["attention_mask"], media).logits, expected)
+
+
+@pytest.mark.parametrize("family", sorted(LM_CONFIGS))
+def test_the_always_masked_sdpa_lm_gives_stock_sdpa_logits_bitwise(family):
+    """The LM runs SDPA under a name whose mask never asks ``mask.all()`` (a host sync per
+    step); prefill with and without padding and a cached decode step equal stock SDPA."""
+    tokenizer = load_tokenizer("flamingo:shapes")
+    config = GatedXAttnConfig(lm_config=LM_CONFIGS[family], tokenizer="flamingo:shapes")
+    torch.manual_seed(0)
+    lm = load_causal_lm(config, tokenizer, meta=False).eval()
+    if lm.config._attn_implementation == "eager":  # its mask is built without asking: left alone
+        pytest.skip(f"{family} has no SDPA attention in transformers")
+    assert lm.config._attn_implementation == SYNC_FREE_SDPA
+    stock = copy.deepcopy(lm)
+    stock.set_attn_implementation("sdpa")
+    padded = tokenize_padded(tokenizer, TEXTS, 128)
+    assert not padded["attention_mask"].all()  # one text is shorter: padding is exercised
+    unpadded = {key: value[:1] for key, value in padded.items()}
+    for tokens in (padded, unpadded):
+        ours, theirs = lm(**tokens, use_cache=True), stock(**tokens, use_cache=True)
+        assert torch.equal(ours.logits, theirs.logits)
+        mask = tokens["attention_mask"]
+        step = {"input_ids": tokens["input_ids"][:, -1:], "attention_mask": torch.cat([mask, mask[:, -1:]], 1)}  # noqa: E501
+        assert torch.equal(
+            lm(**step, past_key_values=ours.past_key_values).logits,
+            stock(**step, past_key_values=theirs.past_key_values).logits,
+        )
 
 
 def test_gates_at_zero_give_the_frozen_lm_logits_under_bf16_autocast(batch):
