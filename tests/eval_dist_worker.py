@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from vlforge.distributed import leave_group
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 COMMON = ["train.progress=false", "train.steps=1"]
 CASES = {
@@ -94,7 +96,5 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    try:
-        torch.save(evaluate_cases(out_dir), f"{out_dir}/world{world}_rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    torch.save(evaluate_cases(out_dir), f"{out_dir}/world{world}_rank{rank}.pt")
+    leave_group()

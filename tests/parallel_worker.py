@@ -46,6 +46,7 @@ def train_losses(recipe_path: str, overrides: list[str], run_dir: str) -> dict[s
 
 
 def run(rank: int, world: int, port: int, out_dir: str, cases: dict[str, list[str]]) -> None:
+    from vlforge import distributed as dist
     from vlforge.launch.local import set_rank_environment
     from vlforge.launch.worker import init_process_group
 
@@ -55,14 +56,12 @@ def run(rank: int, world: int, port: int, out_dir: str, cases: dict[str, list[st
 
     init_process_group(timeout_s=120)
     results: dict[str, dict[str, object]] = {}
-    try:
-        for name, overrides in cases.items():
-            path, *rest = overrides
-            for mode in ("ddp", "fsdp"):
-                run_dir = f"{out_dir}/{name}-{mode}"
-                results[f"{name}/{mode}"] = train_losses(path, [*rest, f"train.parallel={mode}"], run_dir)
-        if rank == 0:
-            with open(f"{out_dir}/losses.json", "w") as file:
-                json.dump(results, file)
-    finally:
-        torch.distributed.destroy_process_group()
+    for name, overrides in cases.items():
+        path, *rest = overrides
+        for mode in ("ddp", "fsdp"):
+            run_dir = f"{out_dir}/{name}-{mode}"
+            results[f"{name}/{mode}"] = train_losses(path, [*rest, f"train.parallel={mode}"], run_dir)
+    if rank == 0:
+        with open(f"{out_dir}/losses.json", "w") as file:
+            json.dump(results, file)
+    dist.leave_group()

@@ -53,6 +53,7 @@ def worker(rank: int, world: int, port: int, run_dir: str, mode: str, report: st
     import torch.distributed as dist
 
     from vlforge.checkpoint import Checkpointer, latest_checkpoint, store
+    from vlforge.distributed import leave_group
 
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -88,9 +89,7 @@ def worker(rank: int, world: int, port: int, run_dir: str, mode: str, report: st
         if rank == 0:
             torch.save({"loaded": loaded, "train_state": train_state}, report)
         torch.save(sum(elements), f"{report}.{rank}.elements")
-    if world > 1:
-        dist.barrier()  # no rank tears its gloo pairs down while a peer still reads from them
-        dist.destroy_process_group()
+    leave_group()
 
 
 def run(world: int, run_dir, mode: str, report: str = "") -> None:

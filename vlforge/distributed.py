@@ -190,6 +190,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_group(wait_for_peers: bool = True) -> None:
+    """Destroy the process group (if any); with ``wait_for_peers``, once every rank is here.
+
+    Wait only where every rank got here (after a failure, peers may never come). A rank that
+    tears its gloo connections down while a peer still holds them open (rank 0 closing the run
+    and refreshing the index, say) can die of SIGABRT, "terminate called without an active
+    exception", after a run that succeeded.
+    """
+    if is_distributed():
+        if wait_for_peers:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_gather_object(obj: object) -> list[object]:
     """Every rank's ``obj``, indexed by rank (a one-element list in a single process)."""
     if not is_distributed():

@@ -79,10 +79,9 @@ def run_job(job: RunJob) -> str:
     if job.evaluate is not None:
         from vlforge.eval.runner import run_evaluation
 
-        try:
-            return run_evaluation(job, job.evaluate, recipe, plugins)
-        finally:
-            _leave_process_group()
+        status = run_evaluation(job, job.evaluate, recipe, plugins)
+        dist.leave_group()
+        return status
     run = _open_run(job, recipe, plugins) if dist.rank() == 0 else None
     status, reason, failed = "failed", None, False
     with RunLog(job.run_dir) if run is not None else nullcontext():
@@ -114,17 +113,8 @@ def run_job(job: RunJob) -> str:
                 run.close(status, reason)
                 _refresh_index(job.root)
             if not failed:  # after a failure, peers may never join a teardown
-                _leave_process_group()
+                dist.leave_group()
     return status
-
-
-def _leave_process_group() -> None:
-    import torch.distributed
-
-    from vlforge import distributed as dist
-
-    if dist.is_distributed():
-        torch.distributed.destroy_process_group()
 
 
 def _open_run(job: RunJob, recipe, plugins):

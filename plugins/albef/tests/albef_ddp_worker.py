@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from vlforge_plugins.albef.itc import ImageTextContrastive
 
+from vlforge.distributed import leave_group
+
 EMBED, QUEUE, BATCH, ENQUEUES = 4, 8, 2, 3  # 2 ranks × 2 rows = 4 per enqueue: the third one wraps
 
 
@@ -32,10 +34,8 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        itc = objective()
-        for call in range(ENQUEUES):
-            itc.enqueue(*features(rank, call))
-        torch.save({name: buffer.clone() for name, buffer in itc.named_buffers()}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    itc = objective()
+    for call in range(ENQUEUES):
+        itc.enqueue(*features(rank, call))
+    torch.save({name: buffer.clone() for name, buffer in itc.named_buffers()}, f"{out_dir}/rank{rank}.pt")
+    leave_group()

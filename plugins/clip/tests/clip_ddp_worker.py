@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from vlforge_plugins.clip.loss import InfoNCE
 
+from vlforge.distributed import leave_group
+
 BATCH = 8
 
 
@@ -48,13 +50,11 @@ def run(rank: int, world: int, out_dir: str) -> None:
     dist.init_process_group(
         "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
-    try:
-        model = DistributedDataParallel(Towers())
-        images, texts = batch()
-        n = BATCH // world
-        rows = slice(rank * n, (rank + 1) * n)
-        loss = model(images[rows], texts[rows])
-        loss.backward()
-        torch.save({"loss": loss.detach(), "grads": gradients(model.module)}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    model = DistributedDataParallel(Towers())
+    images, texts = batch()
+    n = BATCH // world
+    rows = slice(rank * n, (rank + 1) * n)
+    loss = model(images[rows], texts[rows])
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": gradients(model.module)}, f"{out_dir}/rank{rank}.pt")
+    leave_group()

@@ -153,7 +153,10 @@ def test_the_always_masked_sdpa_lm_gives_stock_sdpa_logits_bitwise(family):
         ours, theirs = lm(**tokens, use_cache=True), stock(**tokens, use_cache=True)
         assert torch.equal(ours.logits, theirs.logits)
         mask = tokens["attention_mask"]
-        step = {"input_ids": tokens["input_ids"][:, -1:], "attention_mask": torch.cat([mask, mask[:, -1:]], 1)}  # noqa: E501
+        step = {
+            "input_ids": tokens["input_ids"][:, -1:],
+            "attention_mask": torch.cat([mask, mask[:, -1:]], 1),
+        }
         assert torch.equal(
             lm(**step, past_key_values=ours.past_key_values).logits,
             stock(**step, past_key_values=theirs.past_key_values).logits,
