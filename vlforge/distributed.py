@@ -148,10 +148,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(n, ...) on each rank -> (world*n, ...) in rank order, gradients flowing back to every rank."""
     if world_size() == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
+    # Functional collectives: the backward reduce-scatters (sums) each rank's gradient slice.
+    # torch.distributed.nn.functional.all_gather, which did the same, is deprecated.
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd, wait_tensor
 
     check_placement(x)  # autograd needs x where it is; the model's device is the collective device
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return wait_tensor(all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
 
 
 @torch.no_grad()
