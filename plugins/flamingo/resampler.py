@@ -66,8 +66,11 @@ class PerceiverAttention(nn.Module):
         media, latents = self.norm_media(media), self.norm_latents(latents)
         q = split_heads(self.to_q(latents), self.heads)  # (B,T,heads,n,h)
         k, v = self.to_kv(torch.cat([media, latents], dim=-2)).chunk(2, dim=-1)  # (B,T,M+n,inner) each
-        out = F.scaled_dot_product_attention(q, split_heads(k, self.heads), split_heads(v, self.heads))
-        return self.to_out(merge_heads(out))
+        k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # (B,T,heads,M+n,h)
+        # SDPA on (B·T,heads,L,h): inductor's CPU attention lowering rejects 5-D inputs whose query
+        # and key lengths differ (n vs M+n), so the media axis joins the batch axis.
+        out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1))
+        return self.to_out(merge_heads(out.unflatten(0, q.shape[:2])))
 
 
 def resampler_layer(layer: nn.ModuleList, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

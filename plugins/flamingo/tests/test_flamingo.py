@@ -286,6 +286,25 @@ def test_resampler_gives_a_fixed_number_of_normalised_latents(tokens):
     assert 0.9 < resampler.latents.std().item() < 1.1  # randn init
 
 
+@pytest.mark.slow
+def test_a_resampler_layer_compiles_with_inductor_and_matches_eager():
+    """``train.compile`` compiles each Perceiver attention with inductor, whose CPU attention
+    lowering once refused the (B,T,heads,L,h) layout (query n latents, keys M+n)."""
+    torch.manual_seed(0)
+    resampler = PerceiverResampler(32, depth=1, num_latents=8, heads=2, dim_head=16)
+    attention = resampler.shard_units()[0]
+    media, latents = torch.randn(4, 2, 16, 32), torch.randn(4, 2, 8, 32)
+    eager = attention(media, latents)
+    eager.sum().backward()
+    expected = [p.grad.clone() for p in attention.parameters()]
+    attention.zero_grad()
+    compiled = torch.compile(attention)(media, latents)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    for grad, want in zip([p.grad for p in attention.parameters()], expected, strict=True):
+        torch.testing.assert_close(grad, want)
+
+
 def test_resampler_keeps_images_apart_and_adds_time_embeddings():
     torch.manual_seed(0)
     resampler = PerceiverResampler(
