@@ -28,8 +28,10 @@ from vlforge.results.rundir import RunWriter
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
 
 
-def make_trainer(steps: int, root: str) -> Trainer:
-    overrides = [
+def timed_overrides(steps: int) -> list[str]:
+    """The quickstart as both overhead benchmarks time it: ``steps`` steps, logs every 10, no
+    evaluation, no periodic checkpoint, no progress bar."""
+    return [
         f"train.steps={steps}",
         "train.progress=false",
         "train.log_every=10",
@@ -37,7 +39,10 @@ def make_trainer(steps: int, root: str) -> Trainer:
         "train.checkpoint_every=0",
         "evaluators={}",
     ]
-    recipe, plugins = load_recipe(RECIPE, overrides)
+
+
+def make_trainer(steps: int, root: str) -> Trainer:
+    recipe, plugins = load_recipe(RECIPE, timed_overrides(steps))
     run = RunWriter.create(
         root, "bench", recipe_name=recipe.name, recipe_toml=recipe.to_toml(), config=recipe.resolved()
     )

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from record import record  # bench/ is on sys.path when run as a script
+from overhead import RECIPE, timed_overrides  # bench/ is on sys.path when run as a script
+from record import record
 
 from vlforge.engine import Trainer
 from vlforge.launch.worker import LIVE_FLUSH_S
@@ -36,8 +37,6 @@ from vlforge.recipe import load_recipe
 from vlforge.results.rundir import RunWriter
 from vlforge.sinks.fanout import SinkSet, open_sinks
 from vlforge.steptimer import StepTimer
-
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
 
 
 class NoTimer:
@@ -118,14 +117,7 @@ def sink_thread_cpu(accounts: Accounts, serve=SERVE):
 
 
 def run_round(steps: int, root: str, watched: bool, accounts: Accounts | None = None) -> float:
-    overrides = [
-        f"train.steps={steps}",
-        "train.progress=false",
-        "train.log_every=10",
-        "train.eval_every=0",
-        "train.checkpoint_every=0",
-        "evaluators={}",
-    ]
+    overrides = timed_overrides(steps)
     if watched:
         overrides += [
             'sinks.tb.type="tensorboard"',
