@@ -11,6 +11,7 @@ import fsspec
 from vlforge import checkpoint as ckpt
 from vlforge.cli import main
 from vlforge.results import query
+from vlforge.results.rundir import RUN_LOCK
 
 ZEROSHOT = ['evaluators.zeroshot.type="zeroshot"', 'evaluators.zeroshot.attribute="color"']
 
@@ -37,6 +38,7 @@ def test_eval_of_a_run_repeats_its_final_numbers_and_adds_earlier_steps(tiny_rec
     assert "step 6" in capsys.readouterr().out
     assert evals(runs_root) == final  # same numbers (same rows: same step, evaluator and metric)
     assert len(list((run_dir / "evals").glob("*.jsonl"))) == chunks + 2  # one per evaluator
+    assert not (run_dir / RUN_LOCK).exists()  # eval adds to the run: it never writes the trainer's lock
 
     assert main(["eval", run_id, "launch.nproc=2"]) == 0  # two gloo ranks, each its share
     assert evals(runs_root) == final

@@ -159,7 +159,8 @@ class RunWriter:
         lock: FileLock | None = None,
     ) -> None:
         """Use :meth:`create` or :meth:`open`; ``path`` is the run directory within ``fs``, ``lock``
-        its run lock, held."""
+        its run lock, held (None: a writer that adds to a run without owning it, as ``vlforge
+        eval`` into a run does; it never touches the lock a trainer may hold)."""
         self._fs = fs
         self._path = path
         self.run_dir = to_url(fs, path)  # what to show and pass around: keeps the protocol
@@ -171,7 +172,7 @@ class RunWriter:
         self._last_flush = time.monotonic()
         self._last_status_write = -math.inf
         self._closed = False
-        self._lock = lock or FileLock(fs, url_join(path, RUN_LOCK), stale_after=RUN_LOCK_STALE_S)
+        self._lock = lock
         # Trackers mirroring what this writer writes (vlforge.sinks.fanout.SinkSet), if any.
         self.sinks: Any = None
 
@@ -349,7 +350,8 @@ class RunWriter:
             status, reason = "failed", reason or cause
         self.set_status(status, reason)
         self._closed = True
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
         if self.sinks is not None:
             self.sinks.close(status)
         if lost is not None and raise_lost:
@@ -403,7 +405,7 @@ class RunWriter:
             with open(url_join(self._path, "status.json"), "r+b") as f:
                 f.write(data)
                 f.truncate()
-        if not self._closed:
+        if self._lock is not None and not self._closed:
             with contextlib.suppress(OSError):  # a missed beat only delays a take-over
                 self._lock.beat()
 
