@@ -50,7 +50,8 @@ def checkpoints_of(source: str, runs_root: str | None) -> list[str]:
     return found
 
 
-def describe(url: str, checksums: bool) -> list[str]:
+def describe(url: str, checksums: bool) -> tuple[list[str], str | None]:
+    """The lines ``inspect`` prints for ``url``, and what is wrong with it (None: intact)."""
     from vlforge.checkpoint.layout import is_legacy, read_manifest, step_of, verify
 
     problem = verify(url, checksums=checksums)
@@ -63,7 +64,7 @@ def describe(url: str, checksums: bool) -> list[str]:
             f"{url}",
             f"  step {step_of(url)}, single-file format (before DCP), {size:,} bytes",
             f"  {status}",
-        ]
+        ], problem
     manifest = read_manifest(url)
     lines = [
         url,
@@ -74,16 +75,16 @@ def describe(url: str, checksums: bool) -> list[str]:
     if manifest.get("excluded"):
         lines.append(f"  {len(manifest['excluded'])} frozen tensors left out (reloaded from the recipe)")
     lines += [f"    {name:<24} {part['size']:>14,}" for name, part in sorted(manifest["parts"].items())]
-    return lines
+    return lines, problem
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from vlforge.checkpoint.layout import verify
-
-    urls = checkpoints_of(args.source, args.runs_root)
-    for url in urls:
-        print("\n".join(describe(url, args.verify)))
-    return 1 if any(verify(url, checksums=args.verify) for url in urls) else 0
+    damaged = False
+    for url in checkpoints_of(args.source, args.runs_root):  # each verified once (hashing is slow)
+        lines, problem = describe(url, args.verify)
+        print("\n".join(lines))
+        damaged = damaged or problem is not None
+    return 1 if damaged else 0
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:

@@ -232,8 +232,9 @@ def load_legacy(url: str, model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def read_train_state(url: str) -> dict[str, Any]:
-    with fsspec.open(f"{url.rstrip('/')}/{layout.TRAIN_STATE}", "rb") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+    from vlforge.checkpoint.legacy import load_checkpoint  # a torch.save file, read the same way
+
+    return load_checkpoint(f"{url.rstrip('/')}/{layout.TRAIN_STATE}")
 
 
 def load_model(model: nn.Module, url: str) -> list[str]:
