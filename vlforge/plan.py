@@ -186,31 +186,6 @@ class PassProfile:
 
 
 @contextlib.contextmanager
-def upper_bound_nonzero() -> Iterator[None]:
-    """Fake tensors give ``nonzero`` (and boolean indexing, built on it) its upper bound size.
-
-    Without values these sizes are unknown (ALBEF's MLM picks its masked tokens this way); the
-    plan counts them as if every element were selected. torch's fake kernel for ``nonzero`` is
-    swapped for the duration (a private table: a Python dispatch mode would slow every op).
-    """
-    from torch._subclasses import fake_impls
-
-    op = torch.ops.aten.nonzero.default
-    table = fake_impls.op_implementations_dict
-    original = table[op]
-
-    def every_element(fake_mode: Any, func: Any, mask: torch.Tensor) -> torch.Tensor:
-        with fake_mode:
-            return torch.empty((mask.numel(), mask.dim()), dtype=torch.long, device=mask.device)
-
-    table[op] = every_element
-    try:
-        yield
-    finally:
-        table[op] = original
-
-
-@contextlib.contextmanager
 def fake_model(model: nn.Module) -> Iterator[Any]:
     """``model``'s meta parameters and buffers as fake CPU tensors, for one FakeTensorMode block.
 
@@ -218,7 +193,7 @@ def fake_model(model: nn.Module) -> Iterator[Any]:
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, upper_bound_nonzero(), torch.device("cpu"):
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.device("cpu"):
         fakes: dict[int, torch.Tensor] = {}
         for module in model.modules():
             for name, param in list(module._parameters.items()):
@@ -507,17 +482,16 @@ def make_plan(
     precision = plan_precision(recipe, profile)
     keys = [on for _, on in checkpointing_keys(recipe)]
 
-    def forward_only(on: bool, kind: str) -> PassProfile:
-        """The largest batch kind again, with every tower's checkpointing ``on`` (forward suffices)."""
-        variant = with_checkpointing(recipe, on)
+    def checkpointed_forward(kind: str) -> PassProfile:
+        """Batch kind ``kind`` again, with every tower's checkpointing on (forward suffices)."""
+        variant = with_checkpointing(recipe, True)
         model = _build(variant, plugins, world)
         return profile_batches(model, variant, micro, precision, {kind}, backward=False)[kind]
 
     static = static_rows(model, recipe, world, precision)  # before the model's tensors become fake
     configured = profile_batches(model, recipe, micro, precision)
-    largest_kind = Activations.of(configured).kind
     # A checkpointed unit is recomputed in backward: its saved tensors exist again, one unit at a time.
-    activations = Activations.of(configured)
+    activations = Activations.of(configured)  # of the largest batch kind
     counts = per_step_counts(list(configured), train.accum_steps)
     plan = Plan(
         recipe=recipe.name,
@@ -543,9 +517,10 @@ def make_plan(
         if all(keys):
             checkpointed = activations
         else:
-            everywhere = forward_only(True, largest_kind)
+            everywhere = checkpointed_forward(activations.kind)
             checkpointed = replace(activations, saved=everywhere.activations, recompute=everywhere.recompute)
-        plan.levers = find_levers(plan, recipe, model, activations, checkpointed)
+        static_bytes = sum(row.bytes for row in static)
+        plan.levers = find_levers(plan, recipe, model, static_bytes, activations, checkpointed)
     return plan
 
 
@@ -639,11 +614,16 @@ def fsdp_rows(model: VLModel, sizes: dict[str, int], optimizer: int, world: int,
 
 
 def find_levers(
-    plan: Plan, recipe: Recipe, model: VLModel, activations: Activations, checkpointed: Activations
+    plan: Plan,
+    recipe: Recipe,
+    model: VLModel,
+    static: int,
+    activations: Activations,
+    checkpointed: Activations,
 ) -> list[Lever]:
-    """Each change that makes a recipe fit, alone and all together, with the total it would give."""
+    """Each change that makes a recipe fit, alone and all together, with the total it would give
+    (``static``: the recipe's static bytes as planned)."""
     world, train = plan.world_size, recipe.train
-    static = sum(row.bytes for row in static_rows(model, recipe, world, plan.precision))
     usable = plan.usable_gb * GB
 
     def lever(change: str, static_bytes: int, acts: Activations) -> Lever:
