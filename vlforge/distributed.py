@@ -149,11 +149,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     # Functional collectives: the backward reduce-scatters (sums) each rank's gradient slice.
-    # torch.distributed.nn.functional.all_gather, which did the same, is deprecated.
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd, wait_tensor
+    # torch.distributed.nn.functional.all_gather and all_gather_tensor_autograd, which did the
+    # same, are deprecated.
+    from torch.distributed._functional_collectives import all_gather_single_autograd, wait_tensor
 
     check_placement(x)  # autograd needs x where it is; the model's device is the collective device
-    return wait_tensor(all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
+    return wait_tensor(all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
 
 
 @torch.no_grad()
