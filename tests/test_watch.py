@@ -9,7 +9,6 @@ import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -80,15 +79,11 @@ tracking_uri = "{uri}"
 
 
 @pytest.fixture
-def plugin(tmp_path, monkeypatch) -> str:
-    (tmp_path / "watch_test_plugin.py").write_text(textwrap.dedent(WATCH_PLUGIN))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])
-    )
+def plugin(install_plugin, monkeypatch) -> str:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's file store, as tests use it
     monkeypatch.setenv("WANDB_SILENT", "true")
-    return 'plugins=["watch_test_plugin"]'
+    return install_plugin("watch_test_plugin", WATCH_PLUGIN)
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
