@@ -15,11 +15,12 @@ import torch
 STEPS = 20
 
 
-def frozen_row_change(trainer) -> float:
-    """Flamingo: how far the embedding rows that must not train moved (0 when the row mask works)."""
+def frozen_row_change(trainer) -> float | None:
+    """Flamingo: how far the embedding rows that must not train moved (0 when the row mask works);
+    None for a model without such rows."""
     fusion = trainer.model.fusion
     if not hasattr(fusion, "frozen_rows"):
-        return 0.0
+        return None
     weight = fusion.lm.get_input_embeddings().weight
     full = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
     start = trainer.initial_embedding

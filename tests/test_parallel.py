@@ -180,10 +180,7 @@ def test_a_collective_that_bypasses_the_helper_fails_the_run(tiny_recipe, runs_r
 # --------------------------------------------------------------------------- DDP vs FSDP
 
 COMMON = ["evaluators={}", "train.progress=false", "train.precision=fp32", "train.batch_size=8"]
-CASES = {
-    name: [f"recipes/{name}.toml", *COMMON]
-    for name in ("quickstart", "flip_tiny", "albef_tiny", "flamingo_tiny")
-}
+CASES = {name: [f"recipes/{name}.toml", *COMMON] for name in TINY}
 # fp32, same data and seeds: FSDP's reduce-scatter and DDP's all-reduce add the same gradients in
 # another order, so losses differ by float32 rounding (measured: at most 9.5e-7 absolute, 1.1e-7
 # relative over 20 steps). 1e-5 relative leaves 100x for drift and still catches a wrong
@@ -210,7 +207,8 @@ def test_two_rank_fsdp_follows_the_ddp_loss_curve(name, ddp_and_fsdp_losses):
     print(f"{name}: per-step |DDP - FSDP| max {max(diffs):.2e}: {' '.join(f'{d:.1e}' for d in diffs)}")
     assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=RELATIVE_TOLERANCE)
     assert ddp["losses"][0] != ddp["losses"][-1]  # it trained
-    assert ddp["frozen_row_change"] == fsdp["frozen_row_change"] == 0.0  # Flamingo's row mask (0 elsewhere)
+    flamingo = name == "flamingo_tiny"  # its embedding-row gradient mask, on local shards under FSDP
+    assert ddp["frozen_row_change"] == fsdp["frozen_row_change"] == (0.0 if flamingo else None)
 
 
 @pytest.mark.slow
