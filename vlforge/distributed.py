@@ -72,8 +72,11 @@ def process_group_backend(cuda: bool) -> str:
     return "cuda:nccl,cpu:gloo" if cuda else "gloo"
 
 
+@functools.cache  # every collective asks (twice): parse each group's string once
 def backend_devices(config: str) -> dict[str, str]:
-    """``'cuda:nccl,cpu:gloo'`` -> {'cuda': 'nccl', 'cpu': 'gloo'}; a bare ``'nccl'`` serves CUDA only."""
+    """``'cuda:nccl,cpu:gloo'`` -> {'cuda': 'nccl', 'cpu': 'gloo'}; a bare ``'nccl'`` serves CUDA only.
+
+    Callers must not change the returned dict (it is cached)."""
     served: dict[str, str] = {}
     for entry in config.lower().split(","):
         device, _, backend = entry.strip().rpartition(":")

@@ -11,6 +11,7 @@ was about to be sent may be missing) and continues the same tracker run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import sys
@@ -103,9 +104,7 @@ class SinkSet:
     def _start(self, name: str, sink: Sink, run: SinkRun) -> None:
         self.dead.add(name)  # until start returns
         saved = self.state[name]["run"]
-        self.state[name]["run"] = sink.start(
-            SinkRun(name, run.run_id, run.run_dir, run.experiment, run.recipe_name, run.config, saved)
-        )
+        self.state[name]["run"] = sink.start(dataclasses.replace(run, name=name, saved=saved))
         self.dead.discard(name)
 
     def _log(self, steps: list[tuple[int, dict[str, float]]]) -> None:
